@@ -1,0 +1,295 @@
+"""The control API's routes: thin handlers over the service layer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Final
+
+from aiohttp import web
+
+from ptdaemon.api.app import (
+    ServiceErrorResponse,
+    current_user,
+    json_response,
+    parse_id,
+    read_json,
+    service_of,
+)
+from ptdaemon.api.openapi import openapi_document
+from ptdaemon.errors import ServiceError
+from ptdaemon.models import (
+    BatchIn,
+    Status,
+    Template,
+    attempt_view,
+    submission_view,
+    user_view,
+)
+from ptdaemon.service import MASK, convert, mask_target
+from ptdaemon.timeutil import format_time
+
+MAX_LIMIT: Final = 500
+DEFAULT_LIMIT: Final = 100
+ROTATION_GRACE_SECONDS: Final = 86400.0
+
+
+def template_view(template: Template, shown_secret: str | None = None) -> dict[str, Any]:
+    secret = shown_secret or (MASK if template.signing_secret else None)
+    return {
+        "id": template.id,
+        "name": template.name,
+        "method": template.method.value,
+        "target": mask_target(template.target),
+        "field_map": template.field_map,
+        "required_fields": template.required_fields,
+        "max_retries": template.max_retries,
+        "retry_backoff_seconds": template.retry_backoff_seconds,
+        "retry_backoff_max_seconds": template.retry_backoff_max_seconds,
+        "retry_jitter": template.retry_jitter,
+        "timeout_seconds": template.timeout_seconds,
+        "signing_secret": secret,
+        "created_at": format_time(template.created_at),
+        "updated_at": format_time(template.updated_at),
+    }
+
+
+# -- health ------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    store = service_of(request).store
+    await store.write(lambda conn: conn.execute("SELECT 1").fetchone())
+    return json_response({"status": "ready"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+# -- users -------------------------------------------------------------------
+
+
+async def create_user(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    user, token = await service_of(request).create_user(current_user(request), body)
+    return json_response(user_view(user, token), status=201)
+
+
+async def list_users(request: web.Request) -> web.Response:
+    users = await service_of(request).list_users(current_user(request))
+    return json_response({"items": [user_view(u) for u in users]})
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    user_id = parse_id(request.match_info["id"], "user")
+    await service_of(request).delete_user(current_user(request), user_id)
+    return web.Response(status=204)
+
+
+async def rotate_token(request: web.Request) -> web.Response:
+    user_id = parse_id(request.match_info["id"], "user")
+    user, token = await service_of(request).rotate_token(current_user(request), user_id)
+    return json_response(user_view(user, token))
+
+
+# -- templates ---------------------------------------------------------------
+
+
+async def create_template(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    template, shown = await service_of(request).create_template(
+        current_user(request), body
+    )
+    return json_response(template_view(template, shown), status=201)
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    templates = await service_of(request).list_templates(current_user(request))
+    return json_response({"items": [template_view(t) for t in templates]})
+
+
+async def get_template(request: web.Request) -> web.Response:
+    template_id = parse_id(request.match_info["id"], "template")
+    template = await service_of(request).get_template(current_user(request), template_id)
+    return json_response(template_view(template))
+
+
+async def patch_template(request: web.Request) -> web.Response:
+    template_id = parse_id(request.match_info["id"], "template")
+    patch = await read_json(request)
+    template, shown = await service_of(request).update_template(
+        current_user(request), template_id, patch
+    )
+    return json_response(template_view(template, shown))
+
+
+async def delete_template(request: web.Request) -> web.Response:
+    template_id = parse_id(request.match_info["id"], "template")
+    await service_of(request).delete_template(current_user(request), template_id)
+    return web.Response(status=204)
+
+
+async def preview_template(request: web.Request) -> web.Response:
+    template_id = parse_id(request.match_info["id"], "template")
+    body = await read_json(request)
+    payload = await service_of(request).preview(
+        current_user(request), template_id, body
+    )
+    return json_response({"payload": payload})
+
+
+async def rotate_secret(request: web.Request) -> web.Response:
+    template_id = parse_id(request.match_info["id"], "template")
+    body = await read_json(request, optional=True)
+    grace = ROTATION_GRACE_SECONDS
+    if isinstance(body, dict) and "grace_seconds" in body:
+        grace = convert(body["grace_seconds"], float, "grace_seconds")
+        if not 0 <= grace <= 30 * 86400:
+            raise ServiceErrorResponse(
+                422, "invalid", "grace_seconds must lie in 0..2592000"
+            )
+    secret = await service_of(request).rotate_secret(
+        current_user(request), template_id, grace
+    )
+    return json_response({"signing_secret": secret})
+
+
+# -- submissions -------------------------------------------------------------
+
+
+async def create_submission(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    header_key = request.headers.get("Idempotency-Key")
+    sub, created = await service_of(request).create_submission(
+        current_user(request), body, header_key=header_key
+    )
+    return json_response(submission_view(sub), status=202 if created else 200)
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    batch: BatchIn = convert(body, BatchIn, "batch")
+    results = await service_of(request).create_batch(current_user(request), batch.items)
+    items: list[Any] = []
+    for result in results:
+        if isinstance(result, ServiceError):
+            items.append({"error": _error_fields(result)})
+        else:
+            items.append(submission_view(result[0]))
+    any_valid = any(not isinstance(r, ServiceError) for r in results)
+    return json_response({"items": items}, status=202 if any_valid else 422)
+
+
+def _error_fields(exc: ServiceError) -> dict[str, Any]:
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
+async def list_submissions(request: web.Request) -> web.Response:
+    query = request.query
+    status = _status_filter(query.get("status"))
+    template_id = query.get("form_template_id")
+    limit = _limit(query.get("limit"))
+    before = _decode_cursor(query.get("cursor"))
+    subs = await service_of(request).list_submissions(
+        current_user(request),
+        status=status,
+        template_id=template_id,
+        before_seq=before,
+        limit=limit + 1,
+    )
+    next_cursor = _encode_cursor(subs[limit - 1].seq) if len(subs) > limit else None
+    return json_response(
+        {"items": [submission_view(s) for s in subs[:limit]], "next_cursor": next_cursor}
+    )
+
+
+def _status_filter(text: str | None) -> Status | None:
+    if text is None:
+        return None
+    try:
+        return Status(text)
+    except ValueError:
+        raise ServiceErrorResponse(
+            400, "bad_query", f"status must be one of {', '.join(Status)}"
+        ) from None
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ServiceErrorResponse(
+            400, "bad_query", f"limit must be an integer in 1..{MAX_LIMIT}"
+        )
+    return int(text)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        if not raw.startswith("s") or not raw[1:].isdigit():
+            raise ValueError(raw)
+        return int(raw[1:])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ServiceErrorResponse(400, "bad_cursor", "cursor is not valid") from None
+
+
+async def get_submission(request: web.Request) -> web.Response:
+    sub_id = parse_id(request.match_info["id"], "submission")
+    sub = await service_of(request).get_submission(current_user(request), sub_id)
+    return json_response(submission_view(sub))
+
+
+async def list_attempts(request: web.Request) -> web.Response:
+    sub_id = parse_id(request.match_info["id"], "submission")
+    attempts = await service_of(request).list_attempts(current_user(request), sub_id)
+    return json_response({"items": [attempt_view(a) for a in attempts]})
+
+
+async def retry_submission(request: web.Request) -> web.Response:
+    sub_id = parse_id(request.match_info["id"], "submission")
+    await read_json(request, optional=True)
+    sub = await service_of(request).retry(current_user(request), sub_id)
+    return json_response(submission_view(sub), status=202)
+
+
+async def cancel_submission(request: web.Request) -> web.Response:
+    sub_id = parse_id(request.match_info["id"], "submission")
+    await read_json(request, optional=True)
+    sub = await service_of(request).cancel(current_user(request), sub_id)
+    return json_response(submission_view(sub))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_post("/v1/users", create_user)
+    app.router.add_get("/v1/users", list_users)
+    app.router.add_delete("/v1/users/{id}", delete_user)
+    app.router.add_post("/v1/users/{id}/token", rotate_token)
+    app.router.add_post("/v1/templates", create_template)
+    app.router.add_get("/v1/templates", list_templates)
+    app.router.add_get("/v1/templates/{id}", get_template)
+    app.router.add_patch("/v1/templates/{id}", patch_template)
+    app.router.add_delete("/v1/templates/{id}", delete_template)
+    app.router.add_post("/v1/templates/{id}/preview", preview_template)
+    app.router.add_post("/v1/templates/{id}/rotate-secret", rotate_secret)
+    app.router.add_post("/v1/submissions", create_submission)
+    app.router.add_post("/v1/submissions/batch", create_batch)
+    app.router.add_get("/v1/submissions", list_submissions)
+    app.router.add_get("/v1/submissions/{id}", get_submission)
+    app.router.add_get("/v1/submissions/{id}/attempts", list_attempts)
+    app.router.add_post("/v1/submissions/{id}/retry", retry_submission)
+    app.router.add_post("/v1/submissions/{id}/cancel", cancel_submission)

@@ -1,0 +1,319 @@
+"""The `ptdaemon` command: run the daemon, or talk to a running one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aiohttp
+
+from ptdaemon import __version__
+from ptdaemon.config import Config, load_config
+from ptdaemon.errors import ConfigError, PtdaemonError
+
+USAGE_STATUSES = frozenset({400, 413, 415, 422})
+CLIENT_TIMEOUT_SECONDS = 30.0
+
+
+class CliError(Exception):
+    """A one-line failure message with its exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptdaemon", description="Durable delivery of filled-in forms."
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", metavar="PATH", help="config file")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        return sub
+
+    command("serve", "run the daemon")
+    command("check-config", "validate the config file and print a summary")
+    submit = command("submit", "create a submission")
+    submit.add_argument("template", help="template id or name")
+    submit.add_argument(
+        "--data", default="-", help="JSON object, @file, or - for stdin (default)"
+    )
+    submit.add_argument("--scheduled-at", help="RFC 3339 time with offset")
+    submit.add_argument("--idempotency-key")
+    show = command("show", "one submission and its attempts")
+    show.add_argument("id")
+    listing = command("list", "list submissions, newest first")
+    listing.add_argument("--status")
+    listing.add_argument("--template", help="template id")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--cursor")
+    for name, text in (("retry", "retry a submission now"), ("cancel", "cancel one")):
+        command(name, text).add_argument("id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = _parser().parse_args(argv)
+    try:
+        code = _run(args)
+    except CliError as exc:
+        print(f"ptdaemon: {exc}", file=sys.stderr)
+        code = exc.code
+    except ConfigError as exc:
+        print(f"ptdaemon: {exc}", file=sys.stderr)
+        code = 2
+    except PtdaemonError as exc:
+        print(f"ptdaemon: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.config is not None:
+        if not Path(args.config).is_file():
+            raise CliError(f"config file not found: {args.config}", 2)
+        return load_config(args.config)
+    default = Path("config.toml")
+    return load_config(default if default.is_file() else None)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "check-config":
+        return _check_config(config, args)
+    return asyncio.run(_client_command(config, args))
+
+
+def _serve(config: Config) -> int:
+    from ptdaemon.daemon import serve
+    from ptdaemon.logs import setup_logging
+
+    setup_logging(level=config.daemon.log_level, fmt=config.daemon.log_format)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
+
+
+def _check_config(config: Config, args: argparse.Namespace) -> int:
+    summary = {
+        "config": str(config.config_path) if config.config_path else None,
+        "state_dir": str(config.state_path),
+        "listen": config.api.listen,
+        "file_roots": [str(p) for p in config.file_root_paths],
+        "templates": [
+            t["name"] if isinstance(t, dict) else t.name for t in config.templates
+        ],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+# -- the client side ---------------------------------------------------------
+
+
+class Client:
+    """A small JSON client for the control API of a running daemon."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        listen = config.api.parse_listen()
+        if isinstance(listen, str):
+            self.base = "http://localhost"
+            self.connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=listen)
+        else:
+            host, port = listen
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+            if ":" in host:
+                host = f"[{host}]"
+            self.base = f"http://{host}:{port}"
+            self.connector = aiohttp.TCPConnector()
+        self.token = _token(config)
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(
+            connector=self.connector, connector_owner=False, timeout=timeout
+        ) as session:
+            try:
+                async with session.request(
+                    method, self.base + path, json=body, headers=headers
+                ) as response:
+                    payload = await response.json(content_type=None)
+                    status = response.status
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise CliError(
+                    f"cannot reach the daemon at {self.config.api.listen}: "
+                    f"{type(exc).__name__}"
+                ) from exc
+        if status >= 400:
+            error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+            message = error.get("message", f"HTTP {status}")
+            raise CliError(
+                f"{message} ({error.get('code', status)})",
+                2 if status in USAGE_STATUSES else 1,
+            )
+        return payload
+
+    async def close(self) -> None:
+        await self.connector.close()
+
+
+def _token(config: Config) -> str:
+    env = os.environ.get("PTDAEMON_TOKEN")
+    if env:
+        return env.strip()
+    path = config.state_path / "admin.token"
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the admin token at {path} ({exc.strerror});"
+            " set PTDAEMON_TOKEN"
+        ) from exc
+
+
+async def _client_command(config: Config, args: argparse.Namespace) -> int:
+    client = Client(config)
+    try:
+        handler = {
+            "submit": _submit,
+            "show": _show,
+            "list": _list,
+            "retry": _retry,
+            "cancel": _cancel,
+        }[args.command]
+        await handler(client, args)
+    finally:
+        await client.close()
+    return 0
+
+
+def _read_data(text: str) -> Any:
+    if text == "-":
+        raw = sys.stdin.read()
+    elif text.startswith("@"):
+        try:
+            raw = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot read {text[1:]}: {exc.strerror}", 2) from exc
+    else:
+        raw = text
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--data is not valid JSON: {exc}", 2) from exc
+    if not isinstance(data, dict):
+        raise CliError("--data must be a JSON object", 2)
+    return data
+
+
+async def _template_id(client: Client, name_or_id: str) -> str:
+    templates = (await client.call("GET", "/v1/templates"))["items"]
+    for template in templates:
+        if name_or_id in (template["id"], template["name"]):
+            return str(template["id"])
+    raise CliError(f"no template named {name_or_id!r}", 2)
+
+
+async def _submit(client: Client, args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {
+        "form_template_id": await _template_id(client, args.template),
+        "data": _read_data(args.data),
+    }
+    if args.scheduled_at:
+        body["scheduled_at"] = args.scheduled_at
+    if args.idempotency_key:
+        body["idempotency_key"] = args.idempotency_key
+    sub = await client.call("POST", "/v1/submissions", body)
+    _print_submission(sub, args.json)
+
+
+async def _show(client: Client, args: argparse.Namespace) -> None:
+    sub = await client.call("GET", f"/v1/submissions/{args.id}")
+    attempts = (await client.call("GET", f"/v1/submissions/{args.id}/attempts"))[
+        "items"
+    ]
+    if args.json:
+        print(json.dumps({**sub, "attempts": attempts}, indent=2, ensure_ascii=False))
+        return
+    _print_submission(sub, False)
+    for attempt in attempts:
+        print(
+            f"attempt {attempt['number']}: {attempt['outcome']}"
+            f" at {attempt['started_at']} in {attempt['duration_ms']} ms"
+            + (f", status {attempt['status']}" if attempt["status"] else "")
+            + (
+                f", {attempt['error_category']}: {attempt['error_message']}"
+                if attempt["error_category"]
+                else ""
+            )
+        )
+
+
+async def _list(client: Client, args: argparse.Namespace) -> None:
+    query = [f"limit={args.limit}"]
+    if args.status:
+        query.append(f"status={args.status}")
+    if args.template:
+        query.append(f"form_template_id={args.template}")
+    if args.cursor:
+        query.append(f"cursor={args.cursor}")
+    page = await client.call("GET", "/v1/submissions?" + "&".join(query))
+    if args.json:
+        print(json.dumps(page, indent=2, ensure_ascii=False))
+        return
+    for sub in page["items"]:
+        print(f"{sub['id']}  {sub['status']:<10}  {sub['created_at']}")
+    if page["next_cursor"]:
+        print(f"next cursor: {page['next_cursor']}", file=sys.stderr)
+
+
+async def _retry(client: Client, args: argparse.Namespace) -> None:
+    _print_submission(
+        await client.call("POST", f"/v1/submissions/{args.id}/retry"), args.json
+    )
+
+
+async def _cancel(client: Client, args: argparse.Namespace) -> None:
+    _print_submission(
+        await client.call("POST", f"/v1/submissions/{args.id}/cancel"), args.json
+    )
+
+
+def _print_submission(sub: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(sub, indent=2, ensure_ascii=False))
+        return
+    for key in (
+        "id",
+        "status",
+        "form_template_id",
+        "retry_count",
+        "next_retry_at",
+        "error_category",
+        "error_message",
+        "created_at",
+    ):
+        print(f"{key}: {sub[key]}")

@@ -1,0 +1,293 @@
+"""The composition root: opens the state, starts the pieces, stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ptdaemon import queries
+from ptdaemon.api.app import STATE_KEY, build_app
+from ptdaemon.config import Config, load_config
+from ptdaemon.dispatch.base import Dispatcher
+from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
+from ptdaemon.engine import Engine, interrupted_finish
+from ptdaemon.errors import ConfigError, LockedError
+from ptdaemon.models import Method, Status, Submission, TemplateIn, User, submission_view
+from ptdaemon.scheduler import Scheduler
+from ptdaemon.service import Service
+from ptdaemon.store import Store
+from ptdaemon.timeutil import now as wall_now
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "ptdaemon.db"
+LOCK_NAME = "lock"
+TOKEN_NAME = "admin.token"
+
+
+class StateLock:
+    """An exclusive lock on the state directory, held by one process."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"state dir {self.path.parent} is in use by another ptdaemon "
+                f"(pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    """The whole daemon, for `ptdaemon serve` or inside another asyncio program.
+
+    Embedded use::
+
+        async with Daemon(config, api=False) as daemon:
+            submission = await daemon.submit(template_id, {"name": "Ada"})
+    """
+
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | None = None,
+        *,
+        api: bool = True,
+        user: str | None = None,
+    ) -> None:
+        if not isinstance(config, Config):
+            config = load_config(config)
+        self.config = config
+        self._api_enabled = api
+        self._user_name = user or "admin"
+        self._lock = StateLock(config.state_path)
+        self._store: Store | None = None
+        self._dispatchers: dict[Method, Dispatcher] = {}
+        self._engine: Engine | None = None
+        self._runner: web.AppRunner | None = None
+        self._app: web.Application | None = None
+        self._service: Service | None = None
+        self._user: User | None = None
+        self.listen_address: str | None = None
+
+    @property
+    def service(self) -> Service:
+        if self._service is None:
+            raise RuntimeError("the daemon is not started")
+        return self._service
+
+    @property
+    def user(self) -> User:
+        if self._user is None:
+            raise RuntimeError("the daemon is not started")
+        return self._user
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        state_dir = config.state_path
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for root in config.file_root_paths:
+            root.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            await self._start_pieces(state_dir)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_pieces(self, state_dir: Path) -> None:
+        config = self.config
+        # Storage first: everything else reads from it.
+        self._store = store = await Store.open(state_dir / DB_NAME)
+        self._dispatchers = build_dispatchers(config)
+        scheduler = Scheduler(
+            lambda limit: store.read(lambda c: queries.due_window(c, limit)),
+            window=config.dispatch.heap_window,
+        )
+        self._service = service = Service(
+            store,
+            scheduler,
+            self._dispatchers,
+            default_timeout_seconds=config.dispatch.timeout_seconds,
+            base_dir=config.base_dir,
+            templates_per_user=config.limits.templates_per_user,
+        )
+
+        # Users and the templates of the config file.
+        await service.ensure_admin(state_dir / TOKEN_NAME)
+        await self._sync_templates(service)
+        user = await service.user_by_name(self._user_name)
+        if user is None:
+            raise ConfigError(f"no user named {self._user_name!r}")
+        self._user = user
+
+        # Recover what a crash left in flight, then start delivering.
+        recovered = await store.write(recover_processing)
+        if recovered:
+            log.warning("interrupted attempts recovered", extra={"count": recovered})
+        await scheduler.load()
+        self._engine = Engine(
+            store,
+            scheduler,
+            self._dispatchers,
+            concurrency=config.dispatch.concurrency,
+            per_destination=config.dispatch.per_host_concurrency,
+        )
+        self._engine.start()
+
+        if self._api_enabled:
+            await self._start_api(service)
+        log.info(
+            "daemon ready",
+            extra={
+                "state_dir": str(state_dir),
+                "listen": self.listen_address,
+                "queued": len(scheduler),
+                "concurrency": config.dispatch.concurrency,
+            },
+        )
+
+    async def _sync_templates(self, service: Service) -> None:
+        if not self.config.templates:
+            return
+        admin = await service.user_by_name("admin")
+        if admin is None:
+            raise ConfigError("templates in the config need the user 'admin'")
+        for index, raw in enumerate(self.config.templates):
+            spec = msgspec.convert(raw, TemplateIn, strict=True)
+            try:
+                await service.upsert_template(admin, spec)
+            except Exception as exc:
+                message = getattr(exc, "message", str(exc))
+                raise ConfigError(f"templates[{index}]: {message}") from exc
+        log.info("config templates applied", extra={"count": len(self.config.templates)})
+
+    async def _start_api(self, service: Service) -> None:
+        api = self.config.api
+        self._app = build_app(service, max_body_bytes=api.max_body_bytes)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        listen = api.parse_listen()
+        site: web.BaseSite
+        if isinstance(listen, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen)
+            site = web.UnixSite(self._runner, listen)
+            await site.start()
+            os.chmod(listen, 0o660)
+            self.listen_address = f"unix:{listen}"
+        else:
+            host, port = listen
+            site = web.TCPSite(self._runner, host, port)
+            await site.start()
+            server = site._server  # noqa: SLF001
+            sockets = getattr(server, "sockets", None) or []
+            bound = sockets[0].getsockname()[1] if sockets else port
+            self.listen_address = f"{host}:{bound}"
+
+    async def stop(self) -> None:
+        """Stop intake, drain attempts up to the grace period, close the store."""
+        log.info("daemon stopping")
+        if self._app is not None:
+            self._app[STATE_KEY]["stopping"] = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._engine is not None:
+            await self._engine.stop(
+                grace_seconds=self.config.daemon.shutdown_grace_seconds
+            )
+            self._engine = None
+        await close_dispatchers(self._dispatchers)
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        self._lock.release()
+        log.info("daemon stopped")
+
+    async def submit(
+        self,
+        template_id: str,
+        data: dict[str, Any],
+        *,
+        scheduled_at: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a submission as this daemon's user; return it once stored."""
+        body: dict[str, Any] = {"form_template_id": template_id, "data": data}
+        if scheduled_at is not None:
+            body["scheduled_at"] = scheduled_at
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        sub, _ = await self.service.create_submission(self.user, body)
+        return submission_view(sub)
+
+    async def get(self, submission_id: str) -> dict[str, Any]:
+        return submission_view(await self.service.get_submission(self.user, submission_id))
+
+
+def recover_processing(conn: Any) -> int:
+    """Record the attempts a crash cut short (one transaction, at start)."""
+    rows: list[Submission] = queries.processing_rows(conn)
+    for sub in rows:
+        number = queries.attempt_count(conn, sub.id) + 1
+        started = sub.processing_started_at or wall_now()
+        finish = interrupted_finish(sub, number, started, None)
+        queries.finish_attempt(conn, finish)
+    return len(rows)
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; return the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    daemon = Daemon(config, api=True)
+    await daemon.start()
+    try:
+        await stop.wait()
+        log.info("signal received, draining")
+    finally:
+        await daemon.stop()
+    return 0
+
+
+__all__ = ["Daemon", "StateLock", "recover_processing", "serve", "Status"]

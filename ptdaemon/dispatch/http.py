@@ -1,0 +1,343 @@
+"""HTTP_POST and API delivery over one shared aiohttp client session.
+
+The client never follows a redirect on its own, never retries on its own
+and takes no proxy from the environment: each reply is judged here, as
+the contract's section 5 says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import urllib.parse
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+from multidict import CIMultiDict
+from yarl import URL
+
+from ptdaemon import __version__
+from ptdaemon.dispatch.base import REPLY_KEEP_BYTES, REPLY_READ_BYTES, Delivery, Result
+from ptdaemon.errors import DeliveryError, InvalidError
+from ptdaemon.mapping import form_pairs
+from ptdaemon.models import (
+    ApiTarget,
+    BasicAuth,
+    BearerAuth,
+    ErrorCategory,
+    HeaderAuth,
+    HttpPostTarget,
+    Method,
+    Template,
+)
+from ptdaemon.retry import is_retryable_status, parse_retry_after
+from ptdaemon.signing import signature_headers
+from ptdaemon.timeutil import now as wall_now
+
+log = logging.getLogger(__name__)
+
+MAX_HOPS: Final = 5
+USER_AGENT: Final = f"ptdaemon/{__version__}"
+CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+class HttpDispatcher:
+    """Delivers HTTP_POST (web forms) and API (JSON) templates."""
+
+    def __init__(
+        self, method: Method, *, connector_limit: int = 100
+    ) -> None:
+        self.method = method
+        self._connector_limit = connector_limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._connector_limit, ttl_dns_cache=60
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def check_target(self, target: msgspec.Struct) -> None:
+        url = getattr(target, "url", "")
+        check_url(url)
+        if isinstance(target, ApiTarget):
+            for name, value in target.headers.items():
+                if _has_control(name) or _has_control(value):
+                    raise InvalidError(f"header {name!r} holds a control character")
+
+    def destination_key(self, template: Template) -> str:
+        url = URL(str(template.target["url"]))
+        return f"http:{url.scheme}://{url.host}:{url.port}"
+
+    async def deliver(self, delivery: Delivery) -> Result:
+        template = delivery.template
+        request = build_request(delivery)
+        url = URL(request.url, encoded=False)
+        origin = url.origin()
+        for _ in range(MAX_HOPS + 1):
+            status, headers, reply = await self._send(request, url, template)
+            if status not in (307, 308):
+                return judge(self.method, status, headers, reply)
+            location = headers.get("Location")
+            if not location:
+                raise _remote(status, reply, "redirect without a Location")
+            url = url.join(URL(location))
+            if url.origin() != origin:
+                request.drop_credentials()
+                origin = url.origin()
+        raise DeliveryError(
+            f"more than {MAX_HOPS} redirects",
+            category=ErrorCategory.REMOTE,
+            retryable=False,
+            details={"exception": "TooManyRedirects", "location": str(url)},
+        )
+
+    async def _send(
+        self, request: _Request, url: URL, template: Template
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        timeout = aiohttp.ClientTimeout(
+            total=template.timeout_seconds,
+            sock_connect=min(template.timeout_seconds, 30.0),
+        )
+        try:
+            async with self._client().request(
+                request.method,
+                url,
+                data=request.body,
+                headers=request.headers_for_send(),
+                allow_redirects=False,
+                timeout=timeout,
+            ) as response:
+                reply = await _read_capped(response)
+                return response.status, CIMultiDict(response.headers), reply
+        except DeliveryError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise _failure(exc, ErrorCategory.TIMEOUT, "timed out") from exc
+        except aiohttp.InvalidURL as exc:
+            raise _failure(exc, ErrorCategory.VALIDATION, "invalid URL") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _failure(exc, ErrorCategory.NETWORK, _network_message(exc)) from exc
+
+
+class _Request:
+    def __init__(
+        self, method: str, url: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.body = body
+        self.headers = headers
+        self.signing: tuple[str, list[str]] | None = None
+
+    def drop_credentials(self) -> None:
+        self.headers = {
+            k: v for k, v in self.headers.items() if k.lower() not in CREDENTIAL_HEADERS
+        }
+
+    def headers_for_send(self) -> dict[str, str]:
+        if self.signing is None:
+            return self.headers
+        submission_id, keys = self.signing
+        signed = signature_headers(keys, submission_id, int(wall_now()), self.body)
+        return {**self.headers, **signed}
+
+
+def build_request(delivery: Delivery) -> _Request:
+    """Encode the mapped payload and the headers of one attempt."""
+    template = delivery.template
+    headers: dict[str, str] = {}
+    if template.method is Method.API:
+        target: Any = msgspec.convert(template.target, ApiTarget)
+        headers.update(target.headers)
+        headers.update(_auth_headers(target.auth))
+        body = msgspec.json.encode(delivery.payload)
+        headers["Content-Type"] = "application/json"
+        method = target.method
+    else:
+        target = msgspec.convert(template.target, HttpPostTarget)
+        body, content_type = encode_form(delivery.payload, target.encoding)
+        headers["Content-Type"] = content_type
+        method = "POST"
+    headers["User-Agent"] = USER_AGENT
+    headers["Idempotency-Key"] = delivery.submission_id
+    request = _Request(method, target.url, body, headers)
+    keys = _signing_keys(template, delivery.started_at)
+    if keys:
+        request.signing = (delivery.submission_id, keys)
+    return request
+
+
+def _signing_keys(template: Template, now: float) -> list[str]:
+    keys = [template.signing_secret] if template.signing_secret else []
+    if (
+        template.previous_secret
+        and template.previous_secret_until is not None
+        and template.previous_secret_until > now
+    ):
+        keys.append(template.previous_secret)
+    return keys
+
+
+def _auth_headers(auth: BearerAuth | BasicAuth | HeaderAuth | None) -> dict[str, str]:
+    if isinstance(auth, BearerAuth):
+        return {"Authorization": f"Bearer {auth.token}"}
+    if isinstance(auth, BasicAuth):
+        pair = f"{auth.username}:{auth.password}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    if isinstance(auth, HeaderAuth):
+        return {auth.name: auth.value}
+    return {}
+
+
+def encode_form(payload: dict[str, Any], encoding: str) -> tuple[bytes, str]:
+    """Encode a mapped payload as a browser would post it."""
+    if encoding == "json":
+        return msgspec.json.encode(payload), "application/json"
+    pairs = form_pairs(payload)
+    if encoding == "form":
+        body = urllib.parse.urlencode(pairs, encoding="utf-8").encode("ascii")
+        return body, "application/x-www-form-urlencoded"
+    return encode_multipart(pairs)
+
+
+def encode_multipart(pairs: list[tuple[str, str]]) -> tuple[bytes, str]:
+    boundary = "----ptdaemon" + secrets.token_hex(12)
+    parts: list[bytes] = []
+    for name, value in pairs:
+        parts.append(
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{_quote_name(name)}"\r\n'
+            f"\r\n{value}\r\n".encode()
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _quote_name(name: str) -> str:
+    # The HTML standard's escaping of field names inside a multipart header.
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < REPLY_READ_BYTES:
+            chunk = await response.content.read(REPLY_READ_BYTES - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        # The status already carries the verdict; a cut body is kept as read.
+        pass
+    return b"".join(chunks)
+
+
+def judge(
+    method: Method, status: int, headers: CIMultiDict[str], reply: bytes
+) -> Result:
+    """Turn a final reply into a Result, or raise the DeliveryError it means."""
+    if 200 <= status < 300:
+        return Result(
+            status=status,
+            response_data=_parse_json(reply),
+            reply=_excerpt(reply),
+        )
+    location = headers.get("Location")
+    if method is Method.HTTP_POST and status in (302, 303):
+        return Result(
+            status=status,
+            response_data={"status": status, "location": location},
+            reply=_excerpt(reply),
+        )
+    if 300 <= status < 400:
+        error = _remote(status, reply, f"redirected with {status}")
+        error.details["location"] = location
+        raise error
+    if is_retryable_status(status):
+        error = _remote(status, reply, f"destination answered {status}", True)
+        error.retry_after_seconds = parse_retry_after(
+            headers.get("Retry-After"), now=wall_now()
+        )
+        raise error
+    raise _remote(status, reply, f"destination answered {status}")
+
+
+def _remote(
+    status: int, reply: bytes, message: str, retryable: bool = False
+) -> DeliveryError:
+    return DeliveryError(
+        message,
+        category=ErrorCategory.REMOTE,
+        retryable=retryable,
+        status=status,
+        details={"exception": "HTTPStatus", "status": status, "body": _excerpt(reply)},
+    )
+
+
+def _failure(exc: BaseException, category: ErrorCategory, message: str) -> DeliveryError:
+    return DeliveryError(
+        message,
+        category=category,
+        details={"exception": type(exc).__name__},
+    )
+
+
+def _network_message(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return f"network error: {type(exc).__name__}"
+
+
+def _excerpt(reply: bytes) -> str:
+    return reply[:REPLY_KEEP_BYTES].decode("utf-8", errors="replace")
+
+
+def _parse_json(reply: bytes) -> Any:
+    if not reply:
+        return None
+    try:
+        return msgspec.json.decode(reply)
+    except msgspec.DecodeError:
+        return None
+
+
+def _has_control(text: str) -> bool:
+    return any(ch in text for ch in "\r\n\x00")
+
+
+def check_url(url: str) -> None:
+    """Refuse, when a template is saved, a URL that can never be delivered to."""
+    if _has_control(url) or any(ord(ch) < 0x20 for ch in url):
+        raise InvalidError("url holds a control character", code="invalid_url")
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise InvalidError(f"url is not valid: {exc}", code="invalid_url") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidError(
+            "url must be absolute, with scheme http or https", code="invalid_url"
+        )
+
+
+__all__ = ["HttpDispatcher", "build_request", "check_url", "encode_form", "judge"]
+

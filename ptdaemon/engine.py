@@ -1,0 +1,387 @@
+"""Claims due submissions, delivers them under concurrency limits, records the result.
+
+Each attempt: read the destination, wait for a place under the
+per-destination limit (without holding a global place), claim the row
+durably as `processing`, map the payload, dispatch under the template's
+timeout, then record the attempt and the new state in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sqlite3
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ptdaemon import queries, retry
+from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
+from ptdaemon.errors import DeliveryError
+from ptdaemon.mapping import map_payload, missing_required
+from ptdaemon.models import (
+    Attempt,
+    ErrorCategory,
+    Method,
+    Outcome,
+    Status,
+    Submission,
+    Template,
+)
+from ptdaemon.scheduler import Entry, Scheduler
+from ptdaemon.store import Store
+from ptdaemon.timeutil import now as wall_now
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
+
+
+@dataclass
+class _Destination:
+    active: int = 0
+    waiting: collections.deque[Entry] = field(default_factory=collections.deque)
+
+
+class Engine:
+    """Runs attempts: at most `concurrency` at once, `per_destination` each."""
+
+    def __init__(
+        self,
+        store: Store,
+        scheduler: Scheduler,
+        dispatchers: dict[Method, Dispatcher],
+        *,
+        concurrency: int,
+        per_destination: int,
+        clock: Callable[[], float] = wall_now,
+        on_finish: Callable[[Submission, Attempt, Status], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._dispatchers = dispatchers
+        self._slots = asyncio.Semaphore(concurrency)
+        self._per_destination = per_destination
+        self._destinations: dict[str, _Destination] = {}
+        self._clock = clock
+        self._on_finish = on_finish
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="engine-runner")
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                entry = await self._scheduler.next_due()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._attempt(entry))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, *, grace_seconds: float) -> None:
+        """Claim nothing more; give running attempts `grace_seconds`, then cut."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        if not self._tasks:
+            return
+        log.info(
+            "draining attempts",
+            extra={"in_flight": len(self._tasks), "grace_seconds": grace_seconds},
+        )
+        _, running = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        for task in running:
+            task.cancel()
+        if running:
+            log.warning("attempts cut at shutdown", extra={"count": len(running)})
+            await asyncio.wait(running)
+
+    # -- one attempt -------------------------------------------------------
+
+    async def _attempt(self, entry: Entry) -> None:
+        destination: _Destination | None = None
+        try:
+            key = await self._destination_key(entry[2])
+            if key is None:
+                return
+            destination = self._destinations.setdefault(key, _Destination())
+            if destination.active >= self._per_destination:
+                destination.waiting.append(entry)
+                destination = None
+                return
+            destination.active += 1
+            await self._claim_and_deliver(entry[2])
+        except Exception:
+            log.exception("attempt crashed", extra={"submission_id": entry[2]})
+        finally:
+            self._slots.release()
+            if destination is not None:
+                self._release_destination(destination, key)
+
+    def _release_destination(self, destination: _Destination, key: str) -> None:
+        destination.active -= 1
+        if destination.waiting:
+            self._scheduler.push(*destination.waiting.popleft())
+        elif destination.active == 0:
+            del self._destinations[key]
+
+    async def _destination_key(self, submission_id: str) -> str | None:
+        template = await self._store.read(
+            lambda conn: _queued_template(conn, submission_id)
+        )
+        if template is None:
+            return None
+        dispatcher = self._dispatchers.get(template.method)
+        if dispatcher is None:
+            return f"method:{template.method}"
+        try:
+            return dispatcher.destination_key(template)
+        except Exception:  # noqa: BLE001 - a bad target fails in the attempt itself
+            return f"method:{template.method}"
+
+    async def _claim_and_deliver(self, submission_id: str) -> None:
+        started_at = self._clock()
+        claim = await self._store.write(
+            lambda conn: queries.claim(conn, submission_id, started_at)
+        )
+        if claim is None:
+            return
+        sub = claim.submission
+        try:
+            result: Result | DeliveryError = await self._deliver(claim, started_at)
+        except asyncio.CancelledError:
+            await self._finish(sub, claim.attempt, started_at, None)
+            raise
+        await self._finish(sub, claim.attempt, started_at, result)
+
+    async def _deliver(
+        self, claim: queries.Claim, started_at: float
+    ) -> Result | DeliveryError:
+        sub, template = claim.submission, claim.template
+        try:
+            if template is None:
+                raise DeliveryError(
+                    "the submission's template no longer exists",
+                    category=ErrorCategory.VALIDATION,
+                )
+            delivery = self._prepare(sub, template, claim.attempt, started_at)
+            dispatcher = self._dispatchers.get(template.method)
+            if dispatcher is None:
+                raise DeliveryError(
+                    f"no dispatcher for method {template.method}",
+                    category=ErrorCategory.VALIDATION,
+                )
+            async with asyncio.timeout(template.timeout_seconds):
+                return await dispatcher.deliver(delivery)
+        except DeliveryError as exc:
+            return exc
+        except TimeoutError:
+            return DeliveryError(
+                f"no answer within {template.timeout_seconds:g} s"
+                if template
+                else "timed out",
+                category=ErrorCategory.TIMEOUT,
+                details={"exception": "TimeoutError"},
+            )
+        except Exception as exc:
+            log.exception("dispatcher fault", extra={"submission_id": sub.id})
+            return DeliveryError(
+                f"internal error: {type(exc).__name__}",
+                category=ErrorCategory.SYSTEM,
+                details={
+                    "exception": type(exc).__name__,
+                    "traceback": "".join(traceback.format_exception(exc))[-4096:],
+                },
+            )
+
+    @staticmethod
+    def _prepare(
+        sub: Submission, template: Template, attempt: int, started_at: float
+    ) -> Delivery:
+        missing = missing_required(sub.data, template.required_fields)
+        if missing:
+            raise DeliveryError(
+                f"required fields missing: {', '.join(missing)}",
+                category=ErrorCategory.VALIDATION,
+                details={"fields": missing},
+            )
+        return Delivery(
+            submission_id=sub.id,
+            attempt=attempt,
+            template=template,
+            payload=map_payload(sub.data, template.field_map),
+            started_at=started_at,
+        )
+
+    # -- recording ---------------------------------------------------------
+
+    async def _finish(
+        self,
+        sub: Submission,
+        number: int,
+        started_at: float,
+        result: Result | DeliveryError | None,
+    ) -> None:
+        ended_at = self._clock()
+        finish = build_finish(sub, number, started_at, ended_at, result)
+        status = await self._store.write(
+            lambda conn: queries.finish_attempt(conn, finish)
+        )
+        if status is Status.RETRYING and finish.next_retry_at is not None:
+            self._scheduler.push(finish.next_retry_at, sub.seq, sub.id)
+        _log_attempt(sub, finish.attempt, status)
+        if self._on_finish is not None:
+            self._on_finish(sub, finish.attempt, status)
+
+
+def _queued_template(conn: sqlite3.Connection, submission_id: str) -> Template | None:
+    row = conn.execute(
+        "SELECT form_template_id FROM submissions WHERE id = ?"
+        " AND status IN ('pending', 'retrying')",
+        (submission_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    template = queries.get_template(conn, row[0], None)
+    if template is None:
+        # The attempt itself records why; any key will do.
+        return None
+    return template
+
+
+def build_finish(
+    sub: Submission,
+    number: int,
+    started_at: float,
+    ended_at: float,
+    result: Result | DeliveryError | None,
+) -> queries.Finish:
+    """Turn an attempt's result (None: interrupted) into its record and state."""
+    duration_ms = max(0, round((ended_at - started_at) * 1000))
+    if isinstance(result, Result):
+        attempt = Attempt(
+            submission_id=sub.id,
+            number=number,
+            started_at=started_at,
+            duration_ms=duration_ms,
+            outcome=Outcome.SUCCESS,
+            status=result.status,
+            reply=result.reply,
+        )
+        return queries.Finish(
+            attempt=attempt,
+            status=Status.COMPLETED,
+            retry_count=sub.retry_count,
+            next_retry_at=None,
+            completed_at=ended_at,
+            response_data=result.response_data,
+        )
+    if result is None:
+        return interrupted_finish(sub, number, started_at, ended_at)
+    attempt = Attempt(
+        submission_id=sub.id,
+        number=number,
+        started_at=started_at,
+        duration_ms=duration_ms,
+        outcome=Outcome.ERROR,
+        status=result.status,
+        error_category=result.category,
+        error_message=result.message,
+        error_details=error_details(result),
+        reply=_reply_of(result),
+    )
+    decision = retry.decide(
+        retry_count=sub.retry_count,
+        max_retries=sub.max_retries,
+        base=sub.retry_backoff_seconds,
+        cap=sub.retry_backoff_max_seconds,
+        jitter=sub.retry_jitter,
+        error=result,
+        now=ended_at,
+    )
+    return queries.Finish(
+        attempt=attempt,
+        status=decision.status,
+        retry_count=decision.retry_count,
+        next_retry_at=decision.next_retry_at,
+        completed_at=ended_at,
+    )
+
+
+def interrupted_finish(
+    sub: Submission, number: int, started_at: float, ended_at: float | None
+) -> queries.Finish:
+    """An attempt cut by a crash or a shutdown: it counts, and is due at once."""
+    now = wall_now() if ended_at is None else ended_at
+    error = DeliveryError(
+        INTERRUPTED_MESSAGE,
+        category=ErrorCategory.SYSTEM,
+        details={"exception": "Interrupted"},
+    )
+    attempt = Attempt(
+        submission_id=sub.id,
+        number=number,
+        started_at=started_at,
+        duration_ms=None if ended_at is None else round((now - started_at) * 1000),
+        outcome=Outcome.INTERRUPTED,
+        error_category=ErrorCategory.SYSTEM,
+        error_message=INTERRUPTED_MESSAGE,
+        error_details=error_details(error),
+    )
+    has_budget = sub.retry_count < sub.max_retries
+    return queries.Finish(
+        attempt=attempt,
+        status=Status.RETRYING if has_budget else Status.FAILED,
+        retry_count=sub.retry_count + 1 if has_budget else sub.retry_count,
+        next_retry_at=now if has_budget else None,
+        completed_at=now,
+    )
+
+
+def error_details(error: DeliveryError) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "retryable": error.retryable,
+        "exception": error.details.get("exception", type(error).__name__),
+    }
+    if error.status is not None:
+        details["status"] = error.status
+    details.update(
+        {k: v for k, v in error.details.items() if k not in ("retryable",)}
+    )
+    return details
+
+
+def _reply_of(error: DeliveryError) -> str | None:
+    body = error.details.get("body")
+    return body if isinstance(body, str) else None
+
+
+def _log_attempt(sub: Submission, attempt: Attempt, status: Status) -> None:
+    extra = {
+        "submission_id": sub.id,
+        "template_id": sub.form_template_id,
+        "attempt": attempt.number,
+        "outcome": attempt.outcome.value,
+        "state": status.value,
+        "status": attempt.status,
+        "category": attempt.error_category,
+        "duration_ms": attempt.duration_ms,
+    }
+    if status is Status.FAILED:
+        log.warning("submission failed", extra=extra)
+    else:
+        log.info("attempt finished", extra=extra)

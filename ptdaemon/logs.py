@@ -1,0 +1,149 @@
+"""Log lines on standard error: text with key=value fields, or one JSON object a line.
+
+Fields whose names speak of tokens, passwords, secrets or authorization print `***`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import IO, Any, Final
+
+# API requests go to this logger, one line each: message "request finished",
+# extra {"method", "path", "status", "duration_ms", "user_id", "remote"}.
+ACCESS_LOGGER: Final = "ptdaemon.access"
+MASK: Final = "***"
+LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+SECRET_WORDS: Final = ("token", "password", "secret", "authorization")
+
+# Whatever a blank record carries is not an `extra` field.
+_RECORD_KEYS: Final = frozenset(
+    vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None))
+) | {"message", "asctime"}
+# A value prints bare unless it holds a space, a quote, `=`, `\` or a control.
+_BARE: Final = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The `extra={...}` fields of a record, secret-named ones masked."""
+    return {
+        key: _mask(key, value)
+        for key, value in vars(record).items()
+        if key not in _RECORD_KEYS
+    }
+
+
+def _mask(key: str, value: Any) -> Any:
+    if is_secret_name(key):
+        return MASK
+    if isinstance(value, dict):
+        return {k: _mask(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask("", item) for item in value]
+    return value
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+def _text_value(value: Any) -> str:
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = str(value)
+    if _BARE.fullmatch(text):
+        return text
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+class _Formatter(logging.Formatter):
+    def _exception_text(self, record: logging.LogRecord) -> str | None:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        return record.exc_text or None
+
+
+class TextFormatter(_Formatter):
+    """`<UTC time> LEVEL logger message key=value ...`, then any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = f"{_timestamp(record)} {record.levelname} {record.name}"
+        parts = [head, record.getMessage()]
+        parts += [f"{k}={_text_value(v)}" for k, v in extra_fields(record).items()]
+        line = " ".join(parts)
+        if exception := self._exception_text(record):
+            line += "\n" + exception
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+
+        return line
+
+
+class JsonFormatter(_Formatter):
+    """One object a line: ts, level, logger, event, the extra fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in extra_fields(record).items():
+            document.setdefault(key, value)
+        if exception := self._exception_text(record):
+            document["exception"] = exception
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class _Handler(logging.StreamHandler[IO[str]]):
+    """The handler setup_logging installs, found again to replace it."""
+
+
+def setup_logging(*, level: str, fmt: str, stream: IO[str] | None = None) -> None:
+    """Send the "ptdaemon" loggers at `level`, and others' warnings, to `stream`.
+
+    `fmt` is "text" or "json"; `stream` defaults to the current sys.stderr.
+    Calling it again replaces the handler it installed before. Records still
+    propagate to the root logger, so pytest's caplog sees them.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    formatters = {"text": TextFormatter, "json": JsonFormatter}
+    if fmt not in formatters:
+        raise ValueError(f"unknown log format {fmt!r}")
+    handler = _Handler(sys.stderr if stream is None else stream)
+    handler.setFormatter(formatters[fmt]())
+
+    # The handler sits on the root logger so that other libraries' warnings
+    # (asyncio's "Task exception was never retrieved") are written too.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    numeric = LEVELS[level.lower()]
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("ptdaemon").setLevel(numeric)

@@ -1,0 +1,592 @@
+"""Every SQL statement of ptdaemon, as plain functions of a sqlite3 connection.
+
+They run on the store's threads: writes through `Store.write` (inside one
+group-commit transaction), reads through `Store.read`. All are
+parameterised, and all that serve a user are filtered by that user's id.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Final
+
+import msgspec
+
+from ptdaemon.errors import ConflictError, NotFoundError
+from ptdaemon.models import (
+    Attempt,
+    ErrorCategory,
+    Outcome,
+    Status,
+    Submission,
+    Template,
+    User,
+)
+from ptdaemon.store import decode_json, encode_json
+
+SUBMISSION_COLUMNS: Final = (
+    "id, seq, user_id, form_template_id, data, status, retry_count, "
+    "attempt_count, max_retries, retry_backoff_seconds, "
+    "retry_backoff_max_seconds, retry_jitter, next_retry_at, "
+    "processing_started_at, processing_completed_at, processing_duration_ms, "
+    "response_data, error_message, error_category, error_details, "
+    "idempotency_key, created_at, updated_at"
+)
+
+_template_decoder = msgspec.json.Decoder(Template)
+
+
+# -- users -------------------------------------------------------------------
+
+
+def _user(row: Any) -> User:
+    return User(id=row[0], name=row[1], admin=bool(row[2]), created_at=row[3])
+
+
+def insert_user(conn: sqlite3.Connection, user: User, token_hash: str) -> User:
+    try:
+        conn.execute(
+            "INSERT INTO users (id, name, admin, token_hash, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (user.id, user.name, int(user.admin), token_hash, user.created_at),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise ConflictError(
+            f"a user named {user.name!r} exists", code="duplicate_name"
+        ) from exc
+    return user
+
+
+def user_by_token(conn: sqlite3.Connection, token_hash: str) -> User | None:
+    row = conn.execute(
+        "SELECT id, name, admin, created_at FROM users"
+        " WHERE token_hash = ? AND deleted_at IS NULL",
+        (token_hash,),
+    ).fetchone()
+    return None if row is None else _user(row)
+
+
+def user_by_name(conn: sqlite3.Connection, name: str) -> User | None:
+    row = conn.execute(
+        "SELECT id, name, admin, created_at FROM users"
+        " WHERE name = ? AND deleted_at IS NULL",
+        (name,),
+    ).fetchone()
+    return None if row is None else _user(row)
+
+
+def list_users(conn: sqlite3.Connection) -> list[User]:
+    rows = conn.execute(
+        "SELECT id, name, admin, created_at FROM users"
+        " WHERE deleted_at IS NULL ORDER BY created_at, id"
+    ).fetchall()
+    return [_user(row) for row in rows]
+
+
+def count_users(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+
+def set_token(conn: sqlite3.Connection, user_id: str, token_hash: str) -> User:
+    updated = conn.execute(
+        "UPDATE users SET token_hash = ? WHERE id = ? AND deleted_at IS NULL",
+        (token_hash, user_id),
+    )
+    if updated.rowcount == 0:
+        raise NotFoundError("no such user")
+    row = conn.execute(
+        "SELECT id, name, admin, created_at FROM users WHERE id = ?", (user_id,)
+    ).fetchone()
+    return _user(row)
+
+
+def delete_user(conn: sqlite3.Connection, user_id: str, now: float) -> int:
+    """Revoke a user and cancel its queued submissions; return how many."""
+    updated = conn.execute(
+        "UPDATE users SET deleted_at = ?, token_hash = NULL"
+        " WHERE id = ? AND deleted_at IS NULL",
+        (now, user_id),
+    )
+    if updated.rowcount == 0:
+        raise NotFoundError("no such user")
+    cancelled = conn.execute(
+        "UPDATE submissions SET status = 'cancelled', next_retry_at = NULL,"
+        " updated_at = ? WHERE user_id = ? AND status IN ('pending', 'retrying')",
+        (now, user_id),
+    )
+    return cancelled.rowcount
+
+
+def is_user_live(conn: sqlite3.Connection, user_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM users WHERE id = ? AND deleted_at IS NULL", (user_id,)
+    ).fetchone()
+    return row is not None
+
+
+# -- templates ---------------------------------------------------------------
+
+
+def insert_template(conn: sqlite3.Connection, template: Template) -> Template:
+    try:
+        conn.execute(
+            "INSERT INTO templates (id, user_id, name, body, created_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                template.id,
+                template.user_id,
+                template.name,
+                msgspec.json.encode(template),
+                template.created_at,
+                template.updated_at,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise _duplicate_template(template.name) from exc
+    return template
+
+
+def update_template(conn: sqlite3.Connection, template: Template) -> Template:
+    try:
+        updated = conn.execute(
+            "UPDATE templates SET name = ?, body = ?, updated_at = ?"
+            " WHERE id = ? AND user_id = ?",
+            (
+                template.name,
+                msgspec.json.encode(template),
+                template.updated_at,
+                template.id,
+                template.user_id,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise _duplicate_template(template.name) from exc
+    if updated.rowcount == 0:
+        raise NotFoundError("no such template")
+    return template
+
+
+def _duplicate_template(name: str) -> ConflictError:
+    return ConflictError(
+        f"a template named {name!r} exists", code="duplicate_name"
+    )
+
+
+def get_template(
+    conn: sqlite3.Connection, template_id: str, user_id: str | None
+) -> Template | None:
+    """One template; `user_id=None` only for the engine, which owns no user."""
+    if user_id is None:
+        row = conn.execute(
+            "SELECT body FROM templates WHERE id = ?", (template_id,)
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT body FROM templates WHERE id = ? AND user_id = ?",
+            (template_id, user_id),
+        ).fetchone()
+    return None if row is None else _template_decoder.decode(row[0])
+
+
+def template_by_name(
+    conn: sqlite3.Connection, user_id: str, name: str
+) -> Template | None:
+    row = conn.execute(
+        "SELECT body FROM templates WHERE user_id = ? AND name = ?",
+        (user_id, name),
+    ).fetchone()
+    return None if row is None else _template_decoder.decode(row[0])
+
+
+def list_templates(conn: sqlite3.Connection, user_id: str) -> list[Template]:
+    rows = conn.execute(
+        "SELECT body FROM templates WHERE user_id = ? ORDER BY created_at, id",
+        (user_id,),
+    ).fetchall()
+    return [_template_decoder.decode(row[0]) for row in rows]
+
+
+def count_templates(conn: sqlite3.Connection, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM templates WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return int(row[0])
+
+
+def delete_template(conn: sqlite3.Connection, template_id: str, user_id: str) -> None:
+    if get_template(conn, template_id, user_id) is None:
+        raise NotFoundError("no such template")
+    busy = conn.execute(
+        "SELECT COUNT(*) FROM submissions WHERE form_template_id = ?"
+        " AND status IN ('pending', 'processing', 'retrying')",
+        (template_id,),
+    ).fetchone()[0]
+    if busy:
+        raise ConflictError(
+            f"the template has {busy} unfinished submissions",
+            code="template_in_use",
+        )
+    conn.execute(
+        "DELETE FROM templates WHERE id = ? AND user_id = ?", (template_id, user_id)
+    )
+
+
+# -- submissions -------------------------------------------------------------
+
+
+def _submission(row: Any) -> Submission:
+    return Submission(
+        id=row[0],
+        seq=row[1],
+        user_id=row[2],
+        form_template_id=row[3],
+        data=decode_json(row[4]),
+        status=Status(row[5]),
+        retry_count=row[6],
+        max_retries=row[8],
+        retry_backoff_seconds=row[9],
+        retry_backoff_max_seconds=row[10],
+        retry_jitter=row[11],
+        next_retry_at=row[12],
+        processing_started_at=row[13],
+        processing_completed_at=row[14],
+        processing_duration_ms=row[15],
+        response_data=decode_json(row[16]),
+        error_message=row[17],
+        error_category=None if row[18] is None else ErrorCategory(row[18]),
+        error_details=decode_json(row[19]),
+        idempotency_key=row[20],
+        created_at=row[21],
+        updated_at=row[22],
+    )
+
+
+def _select_submission(
+    conn: sqlite3.Connection, submission_id: str, user_id: str | None = None
+) -> Submission | None:
+    sql = f"SELECT {SUBMISSION_COLUMNS} FROM submissions WHERE id = ?"  # noqa: S608
+    params: tuple[Any, ...] = (submission_id,)
+    if user_id is not None:
+        sql += " AND user_id = ?"
+        params += (user_id,)
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else _submission(row)
+
+
+def get_submission(
+    conn: sqlite3.Connection, submission_id: str, user_id: str
+) -> Submission | None:
+    return _select_submission(conn, submission_id, user_id)
+
+
+class NewSubmission(msgspec.Struct):
+    submission: Submission
+    request_hash: str | None
+
+
+def insert_submissions(
+    conn: sqlite3.Connection, items: list[NewSubmission]
+) -> list[tuple[Submission, bool] | ConflictError]:
+    """Insert new rows; an idempotency key seen before returns its original.
+
+    Each result is (submission, created) or a ConflictError for a key reused
+    with another body. Rows that are not created change nothing.
+    """
+    results: list[tuple[Submission, bool] | ConflictError] = []
+    for item in items:
+        sub = item.submission
+        if sub.idempotency_key is not None:
+            found = _by_idempotency_key(conn, sub.user_id, sub.idempotency_key)
+            if found is not None:
+                results.append(_repeat(found, item.request_hash))
+                continue
+        cursor = conn.execute(
+            "INSERT INTO submissions (id, user_id, form_template_id, data, status,"
+            " max_retries, retry_backoff_seconds, retry_backoff_max_seconds,"
+            " retry_jitter, next_retry_at, idempotency_key, request_hash,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                sub.id,
+                sub.user_id,
+                sub.form_template_id,
+                encode_json(sub.data),
+                sub.status.value,
+                sub.max_retries,
+                sub.retry_backoff_seconds,
+                sub.retry_backoff_max_seconds,
+                sub.retry_jitter,
+                sub.next_retry_at,
+                sub.idempotency_key,
+                item.request_hash,
+                sub.created_at,
+                sub.updated_at,
+            ),
+        )
+        assert cursor.lastrowid is not None
+        results.append((msgspec.structs.replace(sub, seq=cursor.lastrowid), True))
+    return results
+
+
+def _by_idempotency_key(
+    conn: sqlite3.Connection, user_id: str, key: str
+) -> tuple[Submission, str | None] | None:
+    row = conn.execute(
+        f"SELECT {SUBMISSION_COLUMNS}, request_hash FROM submissions"  # noqa: S608
+        " WHERE user_id = ? AND idempotency_key = ?",
+        (user_id, key),
+    ).fetchone()
+    return None if row is None else (_submission(row), row[-1])
+
+
+def _repeat(
+    found: tuple[Submission, str | None], request_hash: str | None
+) -> tuple[Submission, bool] | ConflictError:
+    original, original_hash = found
+    if original_hash != request_hash:
+        return ConflictError(
+            "the idempotency key was used with another body",
+            code="idempotency_conflict",
+        )
+    return (original, False)
+
+
+def list_submissions(
+    conn: sqlite3.Connection,
+    user_id: str,
+    *,
+    status: Status | None,
+    template_id: str | None,
+    before_seq: int | None,
+    limit: int,
+) -> list[Submission]:
+    """The user's submissions, newest first, from `before_seq` down."""
+    sql = f"SELECT {SUBMISSION_COLUMNS} FROM submissions WHERE user_id = ?"  # noqa: S608
+    params: list[Any] = [user_id]
+    if status is not None:
+        sql += " AND status = ?"
+        params.append(status.value)
+    if template_id is not None:
+        sql += " AND form_template_id = ?"
+        params.append(template_id)
+    if before_seq is not None:
+        sql += " AND seq < ?"
+        params.append(before_seq)
+    sql += " ORDER BY seq DESC LIMIT ?"
+    params.append(limit)
+    return [_submission(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _attempt(row: Any) -> Attempt:
+    return Attempt(
+        submission_id=row[0],
+        number=row[1],
+        started_at=row[2],
+        duration_ms=row[3],
+        outcome=Outcome(row[4]),
+        status=row[5],
+        error_category=None if row[6] is None else ErrorCategory(row[6]),
+        error_message=row[7],
+        error_details=decode_json(row[8]),
+        reply=row[9],
+    )
+
+
+def list_attempts(
+    conn: sqlite3.Connection, submission_id: str, user_id: str
+) -> list[Attempt] | None:
+    if _select_submission(conn, submission_id, user_id) is None:
+        return None
+    rows = conn.execute(
+        "SELECT submission_id, number, started_at, duration_ms, outcome, status,"
+        " error_category, error_message, error_details, reply FROM attempts"
+        " WHERE submission_id = ? ORDER BY number, id",
+        (submission_id,),
+    ).fetchall()
+    return [_attempt(row) for row in rows]
+
+
+def retry_submission(
+    conn: sqlite3.Connection, submission_id: str, user_id: str, now: float
+) -> Submission:
+    """Make a failed or retrying submission due now, with a fresh budget."""
+    sub = _require(conn, submission_id, user_id)
+    if sub.status not in (Status.FAILED, Status.RETRYING):
+        raise ConflictError(
+            f"a {sub.status.value} submission cannot be retried",
+            code="invalid_state",
+        )
+    conn.execute(
+        "UPDATE submissions SET status = 'pending', retry_count = 0,"
+        " next_retry_at = ?, updated_at = ? WHERE id = ?",
+        (now, now, submission_id),
+    )
+    return _require(conn, submission_id, user_id)
+
+
+def cancel_submission(
+    conn: sqlite3.Connection, submission_id: str, user_id: str, now: float
+) -> Submission:
+    sub = _require(conn, submission_id, user_id)
+    if sub.status not in (Status.PENDING, Status.RETRYING):
+        raise ConflictError(
+            f"a {sub.status.value} submission cannot be cancelled",
+            code="invalid_state",
+        )
+    conn.execute(
+        "UPDATE submissions SET status = 'cancelled', next_retry_at = NULL,"
+        " updated_at = ? WHERE id = ?",
+        (now, submission_id),
+    )
+    return _require(conn, submission_id, user_id)
+
+
+def _require(
+    conn: sqlite3.Connection, submission_id: str, user_id: str
+) -> Submission:
+    sub = _select_submission(conn, submission_id, user_id)
+    if sub is None:
+        raise NotFoundError("no such submission")
+    return sub
+
+
+# -- the engine's side -------------------------------------------------------
+
+
+def due_window(
+    conn: sqlite3.Connection, limit: int
+) -> list[tuple[float, int, str]]:
+    """The soonest-due queued submissions, as (due, seq, id)."""
+    rows = conn.execute(
+        "SELECT next_retry_at, seq, id FROM submissions"
+        " WHERE status IN ('pending', 'retrying')"
+        " ORDER BY next_retry_at, seq LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [(float(row[0]), int(row[1]), str(row[2])) for row in rows]
+
+
+class Claim(msgspec.Struct):
+    submission: Submission
+    template: Template | None
+    attempt: int
+
+
+def claim(
+    conn: sqlite3.Connection, submission_id: str, now: float
+) -> Claim | None:
+    """Mark a due submission `processing`; None when it is not due any more."""
+    updated = conn.execute(
+        "UPDATE submissions SET status = 'processing', processing_started_at = ?,"
+        " updated_at = ? WHERE id = ? AND status IN ('pending', 'retrying')"
+        " AND next_retry_at <= ?",
+        (now, now, submission_id, now),
+    )
+    if updated.rowcount == 0:
+        return None
+    sub = _select_submission(conn, submission_id)
+    assert sub is not None
+    template = get_template(conn, sub.form_template_id, None)
+    attempts = conn.execute(
+        "SELECT attempt_count FROM submissions WHERE id = ?", (submission_id,)
+    ).fetchone()[0]
+    return Claim(sub, template, int(attempts) + 1)
+
+
+class Finish(msgspec.Struct, kw_only=True):
+    """The end of one attempt: its record and the submission's new state."""
+
+    attempt: Attempt
+    status: Status
+    retry_count: int
+    next_retry_at: float | None
+    completed_at: float
+    response_data: Any = None
+
+
+def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
+    """Record an attempt and move its submission on; return the new status.
+
+    A submission whose user was revoked meanwhile is not retried.
+    """
+    attempt = finish.attempt
+    status = finish.status
+    next_retry_at = finish.next_retry_at
+    sub_row = conn.execute(
+        "SELECT user_id FROM submissions WHERE id = ?", (attempt.submission_id,)
+    ).fetchone()
+    if status is Status.RETRYING and not is_user_live(conn, sub_row[0]):
+        status, next_retry_at = Status.CANCELLED, None
+    _insert_attempt(conn, attempt)
+    is_success = attempt.outcome is Outcome.SUCCESS
+    conn.execute(
+        "UPDATE submissions SET status = ?, retry_count = ?,"
+        " attempt_count = attempt_count + 1, next_retry_at = ?,"
+        " processing_started_at = ?, processing_completed_at = ?,"
+        " processing_duration_ms = ?, response_data = ?,"
+        " error_message = CASE WHEN ? THEN NULL ELSE ? END,"
+        " error_category = CASE WHEN ? THEN NULL ELSE ? END,"
+        " error_details = CASE WHEN ? THEN NULL ELSE ? END,"
+        " updated_at = ? WHERE id = ?",
+        (
+            status.value,
+            finish.retry_count,
+            next_retry_at,
+            attempt.started_at,
+            finish.completed_at,
+            attempt.duration_ms,
+            encode_json(finish.response_data),
+            is_success,
+            attempt.error_message,
+            is_success,
+            attempt.error_category,
+            is_success,
+            encode_json(attempt.error_details),
+            finish.completed_at,
+            attempt.submission_id,
+        ),
+    )
+    return status
+
+
+def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
+    conn.execute(
+        "INSERT INTO attempts (submission_id, number, started_at, duration_ms,"
+        " outcome, status, error_category, error_message, error_details, reply)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            attempt.submission_id,
+            attempt.number,
+            attempt.started_at,
+            attempt.duration_ms,
+            attempt.outcome.value,
+            attempt.status,
+            attempt.error_category,
+            attempt.error_message,
+            encode_json(attempt.error_details),
+            attempt.reply,
+        ),
+    )
+
+
+def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
+    rows = conn.execute(
+        f"SELECT {SUBMISSION_COLUMNS} FROM submissions"  # noqa: S608
+        " WHERE status = 'processing'"
+    ).fetchall()
+    return [_submission(row) for row in rows]
+
+
+def attempt_count(conn: sqlite3.Connection, submission_id: str) -> int:
+    row = conn.execute(
+        "SELECT attempt_count FROM submissions WHERE id = ?", (submission_id,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM submissions WHERE user_id = ?"
+        " AND status IN ('pending', 'processing', 'retrying')",
+        (user_id,),
+    ).fetchone()
+    return int(row[0])

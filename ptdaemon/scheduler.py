@@ -1,0 +1,119 @@
+"""The due-time heap: which submission starts next, and when.
+
+It holds only (due, seq, id) for a window of the soonest-due submissions;
+the store's index on `next_retry_at` holds the rest, and the window is
+refilled from it when it runs low. A waiter sleeps on a timer set for the
+soonest due time or on an event set by `push`; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from ptdaemon.timeutil import now as wall_now
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[float, int, str]
+Loader = Callable[[int], Awaitable[list[Entry]]]
+
+
+class Scheduler:
+    """Orders queued submissions by due time.
+
+    Entries may be stale (the row was cancelled, retried or claimed since):
+    whoever pops one must check the row, and a conditional claim does.
+    """
+
+    def __init__(
+        self,
+        load_window: Loader,
+        *,
+        window: int = 10000,
+        clock: Callable[[], float] = wall_now,
+    ) -> None:
+        self._load_window = load_window
+        self._window = window
+        self._clock = clock
+        self._heap: list[Entry] = []
+        # Entries due after the horizon live only in the store. Infinite
+        # when the last load saw every queued row.
+        self._horizon = math.inf
+        self._changed = asyncio.Event()
+        self._refill_lock = asyncio.Lock()
+        self._pushed_during_refill: list[Entry] | None = None
+        self.wakeups = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @property
+    def horizon(self) -> float:
+        return self._horizon
+
+    async def load(self) -> None:
+        """Replace the heap with the soonest-due window of the store."""
+        async with self._refill_lock:
+            self._pushed_during_refill = []
+            try:
+                rows = await self._load_window(self._window)
+            finally:
+                pushed, self._pushed_during_refill = self._pushed_during_refill, None
+            self._heap = list(rows)
+            self._horizon = rows[-1][0] if len(rows) >= self._window else math.inf
+            for entry in pushed:
+                self._insert(entry)
+            heapq.heapify(self._heap)
+        self._changed.set()
+        log.debug("scheduler loaded", extra={"entries": len(self._heap)})
+
+    def push(self, due: float, seq: int, submission_id: str) -> None:
+        """Note a committed row that is queued and due at `due`."""
+        entry = (due, seq, submission_id)
+        if self._pushed_during_refill is not None:
+            self._pushed_during_refill.append(entry)
+        self._insert(entry)
+        self._changed.set()
+
+    def _insert(self, entry: Entry) -> None:
+        if entry[0] > self._horizon:
+            return
+        heapq.heappush(self._heap, entry)
+        if len(self._heap) > 2 * self._window:
+            self._trim()
+
+    def _trim(self) -> None:
+        self._heap.sort()
+        del self._heap[self._window :]
+        self._horizon = self._heap[-1][0]
+
+    def next_due_at(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    async def next_due(self) -> Entry:
+        """Wait until the soonest entry is due, pop it and return it."""
+        while True:
+            if not self._heap and math.isfinite(self._horizon):
+                await self.load()
+                continue
+            delay = self._heap[0][0] - self._clock() if self._heap else None
+            if delay is not None and delay <= 0:
+                entry = heapq.heappop(self._heap)
+                return entry
+            self._changed.clear()
+            await self._wait(delay)
+
+    async def _wait(self, delay: float | None) -> None:
+        self.wakeups += 1
+        if delay is None:
+            await self._changed.wait()
+            return
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+

@@ -1,0 +1,546 @@
+"""The service layer: every operation a user can ask for, scoped to that user.
+
+The API, the CLI (through the API) and embedding programs all come through
+here. Nothing here knows about HTTP; errors are ServiceErrors that the API
+maps to its JSON body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import uuid
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from ptdaemon import queries
+from ptdaemon.dispatch.base import Dispatcher
+from ptdaemon.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    InvalidError,
+    NotFoundError,
+)
+from ptdaemon.mapping import check_paths, json_depth, map_payload, missing_required
+from ptdaemon.models import (
+    TARGET_TYPES,
+    Method,
+    Status,
+    Submission,
+    SubmissionIn,
+    Template,
+    TemplateIn,
+    User,
+    UserIn,
+)
+from ptdaemon.scheduler import Scheduler
+from ptdaemon.signing import generate_secret, secret_bytes
+from ptdaemon.store import Store
+from ptdaemon.timeutil import now as wall_now
+from ptdaemon.timeutil import parse_time
+
+log = logging.getLogger(__name__)
+
+MASK: Final = "***"
+TOKEN_PREFIX: Final = "ptd_"
+MAX_DATA_DEPTH: Final = 32
+SENSITIVE_HEADER_WORDS: Final = ("auth", "key", "token", "secret", "password", "cookie")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def convert(value: Any, kind: type[Any], what: str) -> Any:
+    """msgspec.convert with a 422 that names the field."""
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidError(f"{what}: {exc}", code="invalid") from exc
+
+
+class Service:
+    """Users, templates and submissions, for one store and one scheduler."""
+
+    def __init__(
+        self,
+        store: Store,
+        scheduler: Scheduler,
+        dispatchers: dict[Method, Dispatcher],
+        *,
+        default_timeout_seconds: float,
+        base_dir: Path,
+        templates_per_user: int,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.dispatchers = dispatchers
+        self.default_timeout_seconds = default_timeout_seconds
+        self.base_dir = base_dir
+        self.templates_per_user = templates_per_user
+
+    # -- users -------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> User | None:
+        digest = hash_token(token)
+        return await self.store.read(lambda c: queries.user_by_token(c, digest))
+
+    async def user_by_name(self, name: str) -> User | None:
+        return await self.store.read(lambda c: queries.user_by_name(c, name))
+
+    async def ensure_admin(self, token_path: Path) -> User | None:
+        """On a first start, create `admin` and write its token file once."""
+        count = await self.store.read(queries.count_users)
+        if count:
+            return None
+        token = new_token()
+        user = User(id=str(uuid.uuid4()), name="admin", admin=True, created_at=wall_now())
+        await self.store.write(lambda c: queries.insert_user(c, user, hash_token(token)))
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        log.info("admin user created", extra={"path": str(token_path)})
+        return user
+
+    async def create_user(self, actor: User, body: Any) -> tuple[User, str]:
+        _require_admin(actor)
+        spec: UserIn = convert(body, UserIn, "user")
+        token = new_token()
+        user = User(
+            id=str(uuid.uuid4()), name=spec.name, admin=spec.admin, created_at=wall_now()
+        )
+        await self.store.write(lambda c: queries.insert_user(c, user, hash_token(token)))
+        log.info("user created", extra={"user_id": user.id, "admin": user.admin})
+        return user, token
+
+    async def list_users(self, actor: User) -> list[User]:
+        _require_admin(actor)
+        return await self.store.read(queries.list_users)
+
+    async def delete_user(self, actor: User, user_id: str) -> None:
+        _require_admin(actor)
+        now = wall_now()
+        cancelled = await self.store.write(
+            lambda c: queries.delete_user(c, user_id, now)
+        )
+        log.info("user revoked", extra={"user_id": user_id, "cancelled": cancelled})
+
+    async def rotate_token(self, actor: User, user_id: str) -> tuple[User, str]:
+        _require_admin(actor)
+        token = new_token()
+        digest = hash_token(token)
+        user = await self.store.write(lambda c: queries.set_token(c, user_id, digest))
+        log.info("user token rotated", extra={"user_id": user_id})
+        return user, token
+
+    # -- templates ---------------------------------------------------------
+
+    async def create_template(self, user: User, body: Any) -> tuple[Template, str | None]:
+        spec: TemplateIn = convert(body, TemplateIn, "template")
+        count = await self.store.read(lambda c: queries.count_templates(c, user.id))
+        if count >= self.templates_per_user:
+            raise ConflictError(
+                f"at most {self.templates_per_user} templates per user",
+                code="limit_reached",
+            )
+        now = wall_now()
+        template, shown = self._build_template(user, spec, None, now)
+        await self.store.write(lambda c: queries.insert_template(c, template))
+        log.info("template created", extra={"template_id": template.id})
+        return template, shown
+
+    async def update_template(
+        self, user: User, template_id: str, patch: Any
+    ) -> tuple[Template, str | None]:
+        if not isinstance(patch, dict):
+            raise InvalidError("a merge patch must be a JSON object")
+        old = await self.get_template(user, template_id)
+        merged = merge_patch(self.template_input(old), patch)
+        merged["target"] = unmask_target(merged.get("target"), old.target)
+        if merged.get("signing_secret") == MASK:
+            merged["signing_secret"] = old.signing_secret
+        spec: TemplateIn = convert(merged, TemplateIn, "template")
+        template, shown = self._build_template(user, spec, old, wall_now())
+        await self.store.write(lambda c: queries.update_template(c, template))
+        log.info("template updated", extra={"template_id": template.id})
+        return template, shown
+
+    async def upsert_template(self, user: User, spec: TemplateIn) -> Template:
+        """Create or overwrite a template by name (the config file's templates)."""
+        old = await self.store.read(
+            lambda c: queries.template_by_name(c, user.id, spec.name)
+        )
+        template, _ = self._build_template(user, spec, old, wall_now())
+        if old is None:
+            await self.store.write(lambda c: queries.insert_template(c, template))
+        else:
+            await self.store.write(lambda c: queries.update_template(c, template))
+        return template
+
+    def template_input(self, template: Template) -> dict[str, Any]:
+        """A stored template as a client would write it, secrets included."""
+        fields = msgspec.to_builtins(template)
+        keep = set(TemplateIn.__struct_fields__)
+        return {k: v for k, v in fields.items() if k in keep}
+
+    def _build_template(
+        self, user: User, spec: TemplateIn, old: Template | None, now: float
+    ) -> tuple[Template, str | None]:
+        if spec.method is Method.CUSTOM and not user.admin:
+            raise ForbiddenError("only an admin can use CUSTOM templates")
+        target = self._check_target(spec)
+        check_paths(spec.field_map, spec.required_fields)
+        secret, shown = _signing_secret(spec.signing_secret)
+        template = Template(
+            id=old.id if old else str(uuid.uuid4()),
+            user_id=user.id,
+            name=spec.name,
+            method=spec.method,
+            target=target,
+            field_map=spec.field_map,
+            required_fields=spec.required_fields,
+            max_retries=spec.max_retries,
+            retry_backoff_seconds=spec.retry_backoff_seconds,
+            retry_backoff_max_seconds=spec.retry_backoff_max_seconds,
+            retry_jitter=spec.retry_jitter,
+            timeout_seconds=spec.timeout_seconds or self.default_timeout_seconds,
+            signing_secret=secret,
+            previous_secret=old.previous_secret if old else None,
+            previous_secret_until=old.previous_secret_until if old else None,
+            created_at=old.created_at if old else now,
+            updated_at=now,
+        )
+        return template, shown
+
+    def _check_target(self, spec: TemplateIn) -> dict[str, Any]:
+        target_type = TARGET_TYPES[spec.method]
+        target = convert(spec.target, target_type, "target")
+        if spec.method is Method.FILE:
+            directory = Path(target.directory)
+            if not directory.is_absolute():
+                directory = self.base_dir / directory
+            target = msgspec.structs.replace(target, directory=str(directory))
+        dispatcher = self.dispatchers.get(spec.method)
+        if dispatcher is None:
+            raise InvalidError(
+                f"method {spec.method.value} is not available in this daemon",
+                code="unsupported_method",
+            )
+        dispatcher.check_target(target)
+        return msgspec.to_builtins(target)  # type: ignore[no-any-return]
+
+    async def get_template(self, user: User, template_id: str) -> Template:
+        found = await self.store.read(
+            lambda c: queries.get_template(c, template_id, user.id)
+        )
+        if found is None:
+            raise NotFoundError("no such template")
+        return found
+
+    async def list_templates(self, user: User) -> list[Template]:
+        return await self.store.read(lambda c: queries.list_templates(c, user.id))
+
+    async def delete_template(self, user: User, template_id: str) -> None:
+        await self.store.write(
+            lambda c: queries.delete_template(c, template_id, user.id)
+        )
+        log.info("template deleted", extra={"template_id": template_id})
+
+    async def preview(self, user: User, template_id: str, body: Any) -> Any:
+        template = await self.get_template(user, template_id)
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            raise InvalidError('preview needs {"data": {...}}')
+        data = body["data"]
+        missing = missing_required(data, template.required_fields)
+        if missing:
+            raise InvalidError(
+                f"required fields missing: {', '.join(missing)}",
+                code="missing_required_fields",
+                details={"fields": missing},
+            )
+        payload = map_payload(data, template.field_map)
+        _check_encodable(template, payload)
+        return payload
+
+    async def rotate_secret(
+        self, user: User, template_id: str, grace_seconds: float
+    ) -> str:
+        old = await self.get_template(user, template_id)
+        now = wall_now()
+        secret = generate_secret()
+        template = msgspec.structs.replace(
+            old,
+            signing_secret=secret,
+            previous_secret=old.signing_secret,
+            previous_secret_until=now + grace_seconds if old.signing_secret else None,
+            updated_at=now,
+        )
+        await self.store.write(lambda c: queries.update_template(c, template))
+        log.info("signing secret rotated", extra={"template_id": template_id})
+        return secret
+
+    # -- submissions -------------------------------------------------------
+
+    async def create_submission(
+        self, user: User, body: Any, *, header_key: str | None = None
+    ) -> tuple[Submission, bool]:
+        item = await self._new_submission(user, body, header_key)
+        [result] = await self._insert([item])
+        if isinstance(result, ConflictError):
+            raise result
+        return result
+
+    async def create_batch(
+        self, user: User, bodies: list[Any]
+    ) -> list[tuple[Submission, bool] | InvalidError | ConflictError]:
+        """Validate each item alone; insert the valid ones in one transaction."""
+        results: list[Any] = []
+        valid: list[tuple[int, queries.NewSubmission]] = []
+        for index, body in enumerate(bodies):
+            try:
+                item = await self._new_submission(user, body, None)
+            except (InvalidError, BadRequestError) as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+                valid.append((index, item))
+        if valid:
+            inserted = await self._insert([item for _, item in valid])
+            for (index, _), outcome in zip(valid, inserted, strict=True):
+                results[index] = outcome
+        return results
+
+    async def _insert(
+        self, items: list[queries.NewSubmission]
+    ) -> list[tuple[Submission, bool] | ConflictError]:
+        results = await self.store.write(
+            lambda c: queries.insert_submissions(c, items)
+        )
+        for result in results:
+            if isinstance(result, tuple) and result[1]:
+                sub = result[0]
+                assert sub.next_retry_at is not None
+                self.scheduler.push(sub.next_retry_at, sub.seq, sub.id)
+        return results
+
+    async def _new_submission(
+        self, user: User, body: Any, header_key: str | None
+    ) -> queries.NewSubmission:
+        spec: SubmissionIn = convert(body, SubmissionIn, "submission")
+        key = spec.idempotency_key
+        if header_key is not None:
+            if key is not None and key != header_key:
+                raise BadRequestError(
+                    "Idempotency-Key header and idempotency_key differ",
+                    code="idempotency_key_mismatch",
+                )
+            key = header_key
+        if json_depth(spec.data) > MAX_DATA_DEPTH:
+            raise InvalidError(
+                f"data is nested deeper than {MAX_DATA_DEPTH} levels",
+                code="too_deep",
+            )
+        template = await self._template_for_submission(user, spec.form_template_id)
+        missing = missing_required(spec.data, template.required_fields)
+        if missing:
+            raise InvalidError(
+                f"required fields missing: {', '.join(missing)}",
+                code="missing_required_fields",
+                details={"fields": missing},
+            )
+        now = wall_now()
+        due = now
+        if spec.scheduled_at is not None:
+            try:
+                due = parse_time(spec.scheduled_at)
+            except ValueError as exc:
+                raise InvalidError(
+                    "scheduled_at must be an RFC 3339 time with a UTC offset",
+                    code="invalid",
+                ) from exc
+        sub = Submission(
+            id=str(uuid.uuid4()),
+            user_id=user.id,
+            form_template_id=template.id,
+            data=spec.data,
+            status=Status.PENDING,
+            max_retries=template.max_retries,
+            retry_backoff_seconds=template.retry_backoff_seconds,
+            retry_backoff_max_seconds=template.retry_backoff_max_seconds,
+            retry_jitter=template.retry_jitter,
+            next_retry_at=due,
+            idempotency_key=key,
+            created_at=now,
+            updated_at=now,
+        )
+        request_hash = None
+        if key is not None:
+            canonical = {
+                "form_template_id": spec.form_template_id,
+                "data": spec.data,
+                "scheduled_at": spec.scheduled_at,
+            }
+            encoded = msgspec.json.encode(canonical, order="sorted")
+            request_hash = hashlib.sha256(encoded).hexdigest()
+        return queries.NewSubmission(sub, request_hash)
+
+    async def _template_for_submission(self, user: User, template_id: str) -> Template:
+        try:
+            uuid.UUID(template_id)
+        except ValueError:
+            template = None
+        else:
+            template = await self.store.read(
+                lambda c: queries.get_template(c, template_id, user.id)
+            )
+        if template is None:
+            raise InvalidError(
+                "form_template_id names no template of yours",
+                code="unknown_template",
+            )
+        return template
+
+    async def get_submission(self, user: User, submission_id: str) -> Submission:
+        found = await self.store.read(
+            lambda c: queries.get_submission(c, submission_id, user.id)
+        )
+        if found is None:
+            raise NotFoundError("no such submission")
+        return found
+
+    async def list_submissions(
+        self,
+        user: User,
+        *,
+        status: Status | None = None,
+        template_id: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[Submission]:
+        return await self.store.read(
+            lambda c: queries.list_submissions(
+                c,
+                user.id,
+                status=status,
+                template_id=template_id,
+                before_seq=before_seq,
+                limit=limit,
+            )
+        )
+
+    async def list_attempts(self, user: User, submission_id: str) -> list[Any]:
+        found = await self.store.read(
+            lambda c: queries.list_attempts(c, submission_id, user.id)
+        )
+        if found is None:
+            raise NotFoundError("no such submission")
+        return found
+
+    async def retry(self, user: User, submission_id: str) -> Submission:
+        now = wall_now()
+        sub = await self.store.write(
+            lambda c: queries.retry_submission(c, submission_id, user.id, now)
+        )
+        self.scheduler.push(now, sub.seq, sub.id)
+        log.info("submission retried by user", extra={"submission_id": sub.id})
+        return sub
+
+    async def cancel(self, user: User, submission_id: str) -> Submission:
+        now = wall_now()
+        sub = await self.store.write(
+            lambda c: queries.cancel_submission(c, submission_id, user.id, now)
+        )
+        log.info("submission cancelled", extra={"submission_id": sub.id})
+        return sub
+
+
+def _require_admin(user: User) -> None:
+    if not user.admin:
+        raise ForbiddenError("only an admin can manage users")
+
+
+def _signing_secret(value: str | None) -> tuple[str | None, str | None]:
+    """The secret to store, and the one to show once (a generated one)."""
+    if value is None or value == "":
+        return None, None
+    if value == "auto":
+        secret = generate_secret()
+        return secret, secret
+    secret_bytes(value)
+    return value, None
+
+
+def _check_encodable(template: Template, payload: dict[str, Any]) -> None:
+    from ptdaemon.errors import DeliveryError
+    from ptdaemon.mapping import form_pairs
+
+    encoding = template.target.get("encoding")
+    if template.method is Method.HTTP_POST and encoding in ("form", "multipart"):
+        try:
+            form_pairs(payload)
+        except DeliveryError as exc:
+            raise InvalidError(exc.message, code="invalid") from exc
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def is_sensitive_header(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SENSITIVE_HEADER_WORDS)
+
+
+def mask_target(target: dict[str, Any]) -> dict[str, Any]:
+    """A target as responses show it: every secret replaced by `***`."""
+    masked = dict(target)
+    auth = masked.get("auth")
+    if isinstance(auth, dict):
+        masked["auth"] = {
+            k: (MASK if k in ("token", "password", "value") else v)
+            for k, v in auth.items()
+        }
+    headers = masked.get("headers")
+    if isinstance(headers, dict):
+        masked["headers"] = {
+            k: (MASK if is_sensitive_header(k) else v) for k, v in headers.items()
+        }
+    return masked
+
+
+def unmask_target(new: Any, old: dict[str, Any]) -> Any:
+    """Put stored secrets back where a patch left `***` in their place."""
+    if not isinstance(new, dict):
+        return new
+    result = dict(new)
+    auth, old_auth = result.get("auth"), old.get("auth")
+    if isinstance(auth, dict) and isinstance(old_auth, dict):
+        result["auth"] = {
+            k: (old_auth.get(k, v) if v == MASK else v) for k, v in auth.items()
+        }
+    headers, old_headers = result.get("headers"), old.get("headers")
+    if isinstance(headers, dict) and isinstance(old_headers, dict):
+        result["headers"] = {
+            k: (old_headers.get(k, v) if v == MASK else v) for k, v in headers.items()
+        }
+    return result

@@ -1,0 +1,321 @@
+"""SQLite state: schema, migrations, and every query, behind one group-commit writer.
+
+Writes are functions run on the writer connection's thread; the writer task
+takes every write queued since its last commit and runs them in one
+transaction, so one fsync serves many callers. Reads use their own
+connection and run in parallel with writes (WAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+import msgspec
+
+from ptdaemon.errors import StorageUnavailableError, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+MAX_BATCH: Final = 2000
+BUSY_TIMEOUT_MS: Final = 5000
+
+MIGRATIONS: Final[list[str]] = [
+    # 1: the first schema.
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        token_hash TEXT UNIQUE,
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE UNIQUE INDEX users_live_name ON users(name) WHERE deleted_at IS NULL;
+    CREATE TABLE templates (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (user_id, name)
+    );
+    CREATE TABLE submissions (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        form_template_id TEXT NOT NULL,
+        data BLOB NOT NULL,
+        status TEXT NOT NULL,
+        retry_count INTEGER NOT NULL DEFAULT 0,
+        attempt_count INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL,
+        retry_backoff_seconds REAL NOT NULL,
+        retry_backoff_max_seconds REAL NOT NULL,
+        retry_jitter REAL NOT NULL,
+        next_retry_at REAL,
+        processing_started_at REAL,
+        processing_completed_at REAL,
+        processing_duration_ms INTEGER,
+        response_data BLOB,
+        error_message TEXT,
+        error_category TEXT,
+        error_details BLOB,
+        idempotency_key TEXT,
+        request_hash TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX submissions_due ON submissions(next_retry_at, seq)
+        WHERE status IN ('pending', 'retrying');
+    CREATE INDEX submissions_processing ON submissions(status)
+        WHERE status = 'processing';
+    CREATE INDEX submissions_user ON submissions(user_id, seq);
+    CREATE INDEX submissions_user_status ON submissions(user_id, status, seq);
+    CREATE INDEX submissions_template ON submissions(form_template_id, status);
+    CREATE UNIQUE INDEX submissions_idempotency
+        ON submissions(user_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        submission_id TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        duration_ms INTEGER,
+        outcome TEXT NOT NULL,
+        status INTEGER,
+        error_category TEXT,
+        error_message TEXT,
+        error_details BLOB,
+        reply TEXT
+    );
+    CREATE INDEX attempts_submission ON attempts(submission_id, number);
+    CREATE INDEX attempts_started ON attempts(started_at);
+    """,
+]
+
+
+def encode_json(value: Any) -> bytes | None:
+    return None if value is None else msgspec.json.encode(value)
+
+
+def decode_json(blob: bytes | str | None) -> Any:
+    return None if blob is None else msgspec.json.decode(blob)
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """Tell a full disk or a busy database from a bug."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return any(
+        phrase in text for phrase in ("full", "locked", "busy", "disk i/o")
+    )
+
+
+@dataclass
+class _Op:
+    fn: WriteFn
+    future: asyncio.Future[Any]
+
+
+class Store:
+    """The database of one daemon. Open with `await Store.open(path)`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+        self.committed_ops = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        store = cls(path)
+        await store._connect()
+        return store
+
+    async def _connect(self) -> None:
+        is_new = not self.path.exists()
+        try:
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if is_new:
+                # Must precede the first table: it cannot be switched on later
+                # without a full VACUUM.
+                await self._writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            await self._writer.execute("PRAGMA journal_mode = WAL")
+            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self._writer.execute("PRAGMA journal_size_limit = 67108864")
+            await self._migrate()
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await self._reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            await self._close_connections()
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)
+        self._task = asyncio.create_task(self._write_loop(), name="store-writer")
+        log.info("store opened", extra={"path": str(self.path)})
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        async with self._writer.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database {self.path} has schema {version}, newer than this "
+                f"ptdaemon knows ({len(MIGRATIONS)})"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            script = MIGRATIONS[number]
+            await self._writer.executescript(
+                f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number + 1};"
+                " COMMIT;"
+            )
+            log.info("store migrated", extra={"schema": number + 1})
+
+    # -- writing -----------------------------------------------------------
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` inside the next group commit; return once it is durable.
+
+        `fn` runs on the store thread inside a savepoint: if it raises, its
+        own changes are rolled back, the exception reaches this caller, and
+        the other writes of the group still commit.
+        """
+        if self._closing or self._task is None:
+            raise StorageUnavailableError("the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Op(fn, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            ops = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            await self._commit_group(ops)
+
+    async def _commit_group(self, ops: list[_Op]) -> None:
+        assert self._writer is not None
+        raw = self._writer._conn  # noqa: SLF001
+        try:
+            # Limit: aiosqlite offers no public call that runs one function on
+            # its thread; _execute is the one its own methods use.
+            results = await self._writer._execute(  # noqa: SLF001
+                _run_group, raw, [op.fn for op in ops]
+            )
+        except Exception as exc:
+            error = _translate(exc)
+            log.error("store commit failed", extra={"error": str(exc)})
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(error)
+            return
+        self.commits += 1
+        self.committed_ops += len(ops)
+        for op, (ok, value) in zip(ops, results, strict=True):
+            if op.future.done():
+                continue
+            if ok:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(_translate(value))
+
+    # -- reading -----------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the reader connection's thread, outside any write."""
+        if self._reader is None:
+            raise StorageUnavailableError("the store is closed")
+        raw = self._reader._conn  # noqa: SLF001
+        try:
+            return await self._reader._execute(fn, raw)  # noqa: SLF001
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        args = tuple(params)
+        return await self.read(lambda conn: conn.execute(sql, args).fetchall())
+
+    # -- closing -----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit what is queued, then close both connections."""
+        self._closing = True
+        while self._pending:
+            await asyncio.sleep(0)
+            if self._task is None or self._task.done():
+                break
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._close_connections()
+        log.info("store closed", extra={"path": str(self.path)})
+
+    async def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await conn.close()
+        self._reader = self._writer = None
+
+
+def _run_group(
+    conn: sqlite3.Connection, fns: list[WriteFn]
+) -> list[tuple[bool, Any]]:
+    """Run a group of writes in one transaction (on the store thread)."""
+    results: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = fn(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to its caller
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                if is_storage_fault(exc):
+                    raise
+                results.append((False, exc))
+            else:
+                conn.execute("RELEASE op")
+                results.append((True, value))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        if is_storage_fault(exc):
+            return StorageUnavailableError(f"storage unavailable: {exc}")
+        return StoreError(f"database error: {exc}")
+    return exc
