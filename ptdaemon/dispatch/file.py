@@ -154,11 +154,11 @@ def _append_line(
                 raise _ConfinementError(f"{name!r} is not a regular file")
             _write_all(fd, first if info.st_size == 0 else later)
             os.fsync(fd)
+            if info.st_size == 0:
+                # The file may be new: its directory entry must be durable too.
+                os.fsync(dir_fd)
         finally:
             os.close(fd)
-        if info.st_size == 0:
-            # The file may be new: its directory entry must be durable too.
-            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 

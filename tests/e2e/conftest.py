@@ -1,0 +1,270 @@
+"""Fixtures that run the real `ptdaemon serve` and real destinations on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+READY = re.compile(r"daemon ready .*listen=(\S+)")
+START_TIMEOUT_SECONDS = 15.0
+
+
+@dataclass
+class Reply:
+    """One scripted answer of a sink."""
+
+    status: int = 200
+    body: bytes | str = b'{"ok": true}'
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+@dataclass
+class Seen:
+    at: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Sink:
+    """An aiohttp destination on 127.0.0.1 that answers from a script per path."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[Reply]] = {}
+        self.defaults: dict[str, Reply] = {}
+        self.requests: list[Seen] = []
+        self.arrived = asyncio.Condition()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def script(self, path: str, *replies: Reply, then: Reply | None = None) -> str:
+        self.scripts[path] = list(replies)
+        self.defaults[path] = then or Reply()
+        return self.url(path)
+
+    def seen(self, path: str) -> list[Seen]:
+        return [r for r in self.requests if r.path == path]
+
+    async def wait_for(self, path: str, count: int, timeout: float = 15.0) -> list[Seen]:
+        async with asyncio.timeout(timeout):
+            async with self.arrived:
+                await self.arrived.wait_for(lambda: len(self.seen(path)) >= count)
+        return self.seen(path)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen = Seen(
+            time.time(), request.method, request.path, dict(request.headers), body
+        )
+        self.requests.append(seen)
+        async with self.arrived:
+            self.arrived.notify_all()
+        queue = self.scripts.get(request.path)
+        reply = queue.pop(0) if queue else self.defaults.get(request.path, Reply())
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    server = Sink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class Api:
+    """A JSON client of a running daemon."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.base = base
+        self.token = token
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        sent = {"Authorization": f"Bearer {token or self.token}", **(headers or {})}
+        data: bytes | None = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        async with self.session.request(
+            method, self.base + path, data=data, headers=sent
+        ) as response:
+            text = await response.read()
+            payload = json.loads(text) if text else None
+            return response.status, payload
+
+    async def ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, payload = await self.request(method, path, body)
+        assert status < 300, (status, payload)
+        return payload
+
+    async def template(self, **fields: Any) -> dict[str, Any]:
+        body = {"name": f"t-{time.monotonic_ns()}", "retry_backoff_seconds": 0.2}
+        body.update(fields)
+        status, payload = await self.request("POST", "/v1/templates", body)
+        assert status == 201, payload
+        return payload  # type: ignore[no-any-return]
+
+    async def submit(self, template_id: str, data: dict[str, Any], **extra: Any) -> Any:
+        body = {"form_template_id": template_id, "data": data, **extra}
+        status, payload = await self.request("POST", "/v1/submissions", body)
+        assert status == 202, payload
+        return payload
+
+    async def wait_final(
+        self, sub_id: str, timeout: float = 20.0, states: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        wanted = states or ("completed", "failed", "cancelled")
+        deadline = time.monotonic() + timeout
+        while True:
+            sub = await self.ok("GET", f"/v1/submissions/{sub_id}")
+            if sub["status"] in wanted:
+                return sub  # type: ignore[no-any-return]
+            assert time.monotonic() < deadline, f"still {sub['status']}"
+            await asyncio.sleep(0.05)
+
+    async def attempts(self, sub_id: str) -> list[dict[str, Any]]:
+        page = await self.ok("GET", f"/v1/submissions/{sub_id}/attempts")
+        return page["items"]  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class DaemonProcess:
+    """The real `ptdaemon serve`, run as a child process on a temporary state dir."""
+
+    def __init__(self, root: Path, extra_config: str = "") -> None:
+        self.root = root
+        self.config_path = root / "config.toml"
+        self.log_path = root / "daemon.log"
+        self.drop = root / "drop"
+        self.config_path.write_text(
+            "[daemon]\n"
+            'state_dir = "state"\n'
+            'log_level = "debug"\n'
+            "shutdown_grace_seconds = 5\n"
+            "[api]\n"
+            'listen = "127.0.0.1:0"\n'
+            "[dispatch]\n"
+            'file_roots = ["drop"]\n'
+            "timeout_seconds = 5\n"
+            "[security]\n"
+            'allow_networks = ["127.0.0.0/8"]\n' + extra_config
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = ""
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def token(self) -> str:
+        return (self.state / "admin.token").read_text().strip()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def start(self) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ptdaemon", "serve", "--config", str(self.config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                cwd=self.root,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            match = READY.search(self.log()[offset:])
+            if match:
+                self.base = "http://" + match.group(1)
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.log()[offset:]}")
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"daemon not ready:\n{self.log()[offset:]}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError("daemon did not stop after SIGTERM")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+
+@pytest.fixture
+async def start_daemon(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start `ptdaemon serve`; returns (process, Api). Stopped at teardown."""
+    started: list[tuple[DaemonProcess, Api]] = []
+
+    async def start(extra_config: str = "") -> tuple[DaemonProcess, Api]:
+        process = DaemonProcess(tmp_path, extra_config)
+        await process.start()
+        api = Api(process.base, process.token)
+        started.append((process, api))
+        return process, api
+
+    yield start
+    for process, api in started:
+        await api.close()
+        if process.proc is not None and process.proc.poll() is None:
+            await process.terminate()
