@@ -4,6 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ptdaemon.errors import PermanentFailure, RetryLater  # noqa: E402
+from ptdaemon.errors import PermanentFailure, RetryLater
 
 __all__ = ["PermanentFailure", "RetryLater", "__version__"]

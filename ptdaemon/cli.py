@@ -168,7 +168,9 @@ class Client:
                     f"{type(exc).__name__}"
                 ) from exc
         if status >= 400:
-            error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+            error = (
+                (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+            )
             message = error.get("message", f"HTTP {status}")
             raise CliError(
                 f"{message} ({error.get('code', status)})",

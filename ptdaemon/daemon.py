@@ -22,7 +22,14 @@ from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
 from ptdaemon.engine import Engine, interrupted_finish
 from ptdaemon.errors import ConfigError, LockedError
-from ptdaemon.models import Method, Status, Submission, TemplateIn, User, submission_view
+from ptdaemon.models import (
+    Method,
+    Status,
+    Submission,
+    TemplateIn,
+    User,
+    submission_view,
+)
 from ptdaemon.scheduler import Scheduler
 from ptdaemon.service import Service
 from ptdaemon.store import Store
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "ptdaemon.db"
 LOCK_NAME = "lock"
-TOKEN_NAME = "admin.token"
+TOKEN_NAME = "admin.token"  # noqa: S105 - a file name
 
 
 class StateLock:
@@ -197,7 +204,9 @@ class Daemon:
             except Exception as exc:
                 message = getattr(exc, "message", str(exc))
                 raise ConfigError(f"templates[{index}]: {message}") from exc
-        log.info("config templates applied", extra={"count": len(self.config.templates)})
+        log.info(
+            "config templates applied", extra={"count": len(self.config.templates)}
+        )
 
     async def _start_api(self, service: Service) -> None:
         api = self.config.api
@@ -217,7 +226,7 @@ class Daemon:
             host, port = listen
             site = web.TCPSite(self._runner, host, port)
             await site.start()
-            server = site._server  # noqa: SLF001
+            server = site._server
             sockets = getattr(server, "sockets", None) or []
             bound = sockets[0].getsockname()[1] if sockets else port
             self.listen_address = f"{host}:{bound}"
@@ -260,7 +269,9 @@ class Daemon:
         return submission_view(sub)
 
     async def get(self, submission_id: str) -> dict[str, Any]:
-        return submission_view(await self.service.get_submission(self.user, submission_id))
+        return submission_view(
+            await self.service.get_submission(self.user, submission_id)
+        )
 
 
 def recover_processing(conn: Any) -> int:
@@ -290,4 +301,4 @@ async def serve(config: Config) -> int:
     return 0
 
 
-__all__ = ["Daemon", "StateLock", "recover_processing", "serve", "Status"]
+__all__ = ["Daemon", "StateLock", "Status", "recover_processing", "serve"]

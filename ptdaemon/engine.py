@@ -171,29 +171,16 @@ class Engine:
     async def _deliver(
         self, claim: queries.Claim, started_at: float
     ) -> Result | DeliveryError:
+        """Run the attempt; every failure comes back as a DeliveryError."""
         sub, template = claim.submission, claim.template
         try:
-            if template is None:
-                raise DeliveryError(
-                    "the submission's template no longer exists",
-                    category=ErrorCategory.VALIDATION,
-                )
-            delivery = self._prepare(sub, template, claim.attempt, started_at)
-            dispatcher = self._dispatchers.get(template.method)
-            if dispatcher is None:
-                raise DeliveryError(
-                    f"no dispatcher for method {template.method}",
-                    category=ErrorCategory.VALIDATION,
-                )
-            async with asyncio.timeout(template.timeout_seconds):
-                return await dispatcher.deliver(delivery)
+            return await self._dispatch(claim, started_at)
         except DeliveryError as exc:
             return exc
         except TimeoutError:
+            limit = template.timeout_seconds if template else 0.0
             return DeliveryError(
-                f"no answer within {template.timeout_seconds:g} s"
-                if template
-                else "timed out",
+                f"no answer within {limit:g} s",
                 category=ErrorCategory.TIMEOUT,
                 details={"exception": "TimeoutError"},
             )
@@ -207,6 +194,23 @@ class Engine:
                     "traceback": "".join(traceback.format_exception(exc))[-4096:],
                 },
             )
+
+    async def _dispatch(self, claim: queries.Claim, started_at: float) -> Result:
+        sub, template = claim.submission, claim.template
+        if template is None:
+            raise DeliveryError(
+                "the submission's template no longer exists",
+                category=ErrorCategory.VALIDATION,
+            )
+        dispatcher = self._dispatchers.get(template.method)
+        if dispatcher is None:
+            raise DeliveryError(
+                f"no dispatcher for method {template.method}",
+                category=ErrorCategory.VALIDATION,
+            )
+        delivery = self._prepare(sub, template, claim.attempt, started_at)
+        async with asyncio.timeout(template.timeout_seconds):
+            return await dispatcher.deliver(delivery)
 
     @staticmethod
     def _prepare(
@@ -359,9 +363,7 @@ def error_details(error: DeliveryError) -> dict[str, Any]:
     }
     if error.status is not None:
         details["status"] = error.status
-    details.update(
-        {k: v for k, v in error.details.items() if k not in ("retryable",)}
-    )
+    details.update({k: v for k, v in error.details.items() if k not in ("retryable",)})
     return details
 
 

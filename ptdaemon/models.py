@@ -107,7 +107,9 @@ TARGET_TYPES: dict[Method, type[Struct]] = {
 }
 
 Path = str | list[str]
-Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Name = Annotated[
+    str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 MaxRetries = Annotated[int, Meta(ge=0, le=100)]
 Backoff = Annotated[float, Meta(ge=0.01, le=86400)]
 BackoffMax = Annotated[float, Meta(ge=0.01, le=2592000)]

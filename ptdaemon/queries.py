@@ -167,9 +167,7 @@ def update_template(conn: sqlite3.Connection, template: Template) -> Template:
 
 
 def _duplicate_template(name: str) -> ConflictError:
-    return ConflictError(
-        f"a template named {name!r} exists", code="duplicate_name"
-    )
+    return ConflictError(f"a template named {name!r} exists", code="duplicate_name")
 
 
 def get_template(
@@ -440,9 +438,7 @@ def cancel_submission(
     return _require(conn, submission_id, user_id)
 
 
-def _require(
-    conn: sqlite3.Connection, submission_id: str, user_id: str
-) -> Submission:
+def _require(conn: sqlite3.Connection, submission_id: str, user_id: str) -> Submission:
     sub = _select_submission(conn, submission_id, user_id)
     if sub is None:
         raise NotFoundError("no such submission")
@@ -452,9 +448,7 @@ def _require(
 # -- the engine's side -------------------------------------------------------
 
 
-def due_window(
-    conn: sqlite3.Connection, limit: int
-) -> list[tuple[float, int, str]]:
+def due_window(conn: sqlite3.Connection, limit: int) -> list[tuple[float, int, str]]:
     """The soonest-due queued submissions, as (due, seq, id)."""
     rows = conn.execute(
         "SELECT next_retry_at, seq, id FROM submissions"
@@ -471,9 +465,7 @@ class Claim(msgspec.Struct):
     attempt: int
 
 
-def claim(
-    conn: sqlite3.Connection, submission_id: str, now: float
-) -> Claim | None:
+def claim(conn: sqlite3.Connection, submission_id: str, now: float) -> Claim | None:
     """Mark a due submission `processing`; None when it is not due any more."""
     updated = conn.execute(
         "UPDATE submissions SET status = 'processing', processing_started_at = ?,"

@@ -9,6 +9,7 @@ soonest due time or on an event set by `push`; nothing polls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import math
@@ -102,8 +103,7 @@ class Scheduler:
                 continue
             delay = self._heap[0][0] - self._clock() if self._heap else None
             if delay is not None and delay <= 0:
-                entry = heapq.heappop(self._heap)
-                return entry
+                return heapq.heappop(self._heap)
             self._changed.clear()
             await self._wait(delay)
 
@@ -112,8 +112,5 @@ class Scheduler:
         if delay is None:
             await self._changed.wait()
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout=delay)
-        except TimeoutError:
-            pass
-

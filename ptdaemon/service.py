@@ -47,7 +47,7 @@ from ptdaemon.timeutil import parse_time
 log = logging.getLogger(__name__)
 
 MASK: Final = "***"
-TOKEN_PREFIX: Final = "ptd_"
+TOKEN_PREFIX: Final = "ptd_"  # noqa: S105 - a prefix, not a secret
 MAX_DATA_DEPTH: Final = 32
 SENSITIVE_HEADER_WORDS: Final = ("auth", "key", "token", "secret", "password", "cookie")
 
@@ -103,8 +103,12 @@ class Service:
         if count:
             return None
         token = new_token()
-        user = User(id=str(uuid.uuid4()), name="admin", admin=True, created_at=wall_now())
-        await self.store.write(lambda c: queries.insert_user(c, user, hash_token(token)))
+        user = User(
+            id=str(uuid.uuid4()), name="admin", admin=True, created_at=wall_now()
+        )
+        await self.store.write(
+            lambda c: queries.insert_user(c, user, hash_token(token))
+        )
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(token + "\n")
@@ -118,9 +122,14 @@ class Service:
         spec: UserIn = convert(body, UserIn, "user")
         token = new_token()
         user = User(
-            id=str(uuid.uuid4()), name=spec.name, admin=spec.admin, created_at=wall_now()
+            id=str(uuid.uuid4()),
+            name=spec.name,
+            admin=spec.admin,
+            created_at=wall_now(),
         )
-        await self.store.write(lambda c: queries.insert_user(c, user, hash_token(token)))
+        await self.store.write(
+            lambda c: queries.insert_user(c, user, hash_token(token))
+        )
         log.info("user created", extra={"user_id": user.id, "admin": user.admin})
         return user, token
 
@@ -146,7 +155,9 @@ class Service:
 
     # -- templates ---------------------------------------------------------
 
-    async def create_template(self, user: User, body: Any) -> tuple[Template, str | None]:
+    async def create_template(
+        self, user: User, body: Any
+    ) -> tuple[Template, str | None]:
         spec: TemplateIn = convert(body, TemplateIn, "template")
         count = await self.store.read(lambda c: queries.count_templates(c, user.id))
         if count >= self.templates_per_user:
@@ -324,9 +335,7 @@ class Service:
     async def _insert(
         self, items: list[queries.NewSubmission]
     ) -> list[tuple[Submission, bool] | ConflictError]:
-        results = await self.store.write(
-            lambda c: queries.insert_submissions(c, items)
-        )
+        results = await self.store.write(lambda c: queries.insert_submissions(c, items))
         for result in results:
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]

@@ -10,7 +10,7 @@ import secrets
 
 from ptdaemon.errors import InvalidError
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 MIN_SECRET_BYTES = 24
 
 

@@ -119,9 +119,7 @@ def is_storage_fault(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     text = str(exc).lower()
-    return any(
-        phrase in text for phrase in ("full", "locked", "busy", "disk i/o")
-    )
+    return any(phrase in text for phrase in ("full", "locked", "busy", "disk i/o"))
 
 
 @dataclass
@@ -220,16 +218,16 @@ class Store:
 
     async def _commit_group(self, ops: list[_Op]) -> None:
         assert self._writer is not None
-        raw = self._writer._conn  # noqa: SLF001
+        raw = self._writer._conn
         try:
             # Limit: aiosqlite offers no public call that runs one function on
             # its thread; _execute is the one its own methods use.
-            results = await self._writer._execute(  # noqa: SLF001
+            results = await self._writer._execute(
                 _run_group, raw, [op.fn for op in ops]
             )
         except Exception as exc:
             error = _translate(exc)
-            log.error("store commit failed", extra={"error": str(exc)})
+            log.exception("store commit failed", extra={"ops": len(ops)})
             for op in ops:
                 if not op.future.done():
                     op.future.set_exception(error)
@@ -250,9 +248,9 @@ class Store:
         """Run `fn` on the reader connection's thread, outside any write."""
         if self._reader is None:
             raise StorageUnavailableError("the store is closed")
-        raw = self._reader._conn  # noqa: SLF001
+        raw = self._reader._conn
         try:
-            return await self._reader._execute(fn, raw)  # noqa: SLF001
+            return await self._reader._execute(fn, raw)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
@@ -285,9 +283,7 @@ class Store:
         self._reader = self._writer = None
 
 
-def _run_group(
-    conn: sqlite3.Connection, fns: list[WriteFn]
-) -> list[tuple[bool, Any]]:
+def _run_group(conn: sqlite3.Connection, fns: list[WriteFn]) -> list[tuple[bool, Any]]:
     """Run a group of writes in one transaction (on the store thread)."""
     results: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
@@ -296,7 +292,7 @@ def _run_group(
             conn.execute("SAVEPOINT op")
             try:
                 value = fn(conn)
-            except Exception as exc:  # noqa: BLE001 - handed to its caller
+            except Exception as exc:
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 if is_storage_fault(exc):

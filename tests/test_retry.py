@@ -95,10 +95,10 @@ class TestBackoffDelay:
         assert delay == 20
 
     def test_jitter_bounds_over_many_draws(self) -> None:
-        draws = [i / 100 for i in range(100)]
+        draws = iter([i / 100 for i in range(100)])
         delays = [
-            backoff_delay(4, base=2, cap=1000, jitter=0.25, rand=lambda d=d: d)
-            for d in draws
+            backoff_delay(4, base=2, cap=1000, jitter=0.25, rand=lambda: next(draws))
+            for _ in range(100)
         ]
 
         assert min(delays) == 32

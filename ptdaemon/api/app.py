@@ -122,7 +122,9 @@ HTTP_CODES: Final = {
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def errors_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -185,7 +187,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     state = request.app[STATE_KEY]
     if state.get("stopping"):
         return error_response(
-            503, "shutting_down", "the daemon is shutting down",
+            503,
+            "shutting_down",
+            "the daemon is shutting down",
             headers={"Retry-After": "5"},
         )
     if request.path in OPEN_PATHS or request.path.startswith("/ui"):

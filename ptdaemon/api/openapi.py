@@ -46,10 +46,24 @@ ROUTES: Final[list[tuple[str, str, str, str | None, int, dict[str, Any] | None]]
     ("post", "/v1/templates", "Create a template", "TemplateIn", 201, OBJECT),
     ("get", "/v1/templates", "List own templates", None, 200, ITEMS),
     ("get", "/v1/templates/{id}", "One template", None, 200, OBJECT),
-    ("patch", "/v1/templates/{id}", "Change a template (merge patch)", None, 200, OBJECT),
+    (
+        "patch",
+        "/v1/templates/{id}",
+        "Change a template (merge patch)",
+        None,
+        200,
+        OBJECT,
+    ),
     ("delete", "/v1/templates/{id}", "Delete a template", None, 204, None),
     ("post", "/v1/templates/{id}/preview", "Map sample data", None, 200, OBJECT),
-    ("post", "/v1/templates/{id}/rotate-secret", "New signing secret", None, 200, OBJECT),
+    (
+        "post",
+        "/v1/templates/{id}/rotate-secret",
+        "New signing secret",
+        None,
+        200,
+        OBJECT,
+    ),
     ("post", "/v1/submissions", "Create a submission", "SubmissionIn", 202, OBJECT),
     ("post", "/v1/submissions/batch", "Create up to 1000", "BatchIn", 202, ITEMS),
     ("get", "/v1/submissions", "List own submissions", None, 200, ITEMS),
@@ -102,7 +116,7 @@ def _operation(
     }
     operation: dict[str, Any] = {
         "summary": summary,
-        "responses": {str(code): success, **{c: error for c in ERROR_CODES}},
+        "responses": {str(code): success, **dict.fromkeys(ERROR_CODES, error)},
     }
     if "{id}" in path:
         operation["parameters"] = [

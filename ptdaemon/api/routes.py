@@ -34,7 +34,9 @@ DEFAULT_LIMIT: Final = 100
 ROTATION_GRACE_SECONDS: Final = 86400.0
 
 
-def template_view(template: Template, shown_secret: str | None = None) -> dict[str, Any]:
+def template_view(
+    template: Template, shown_secret: str | None = None
+) -> dict[str, Any]:
     secret = shown_secret or (MASK if template.signing_secret else None)
     return {
         "id": template.id,
@@ -115,7 +117,9 @@ async def list_templates(request: web.Request) -> web.Response:
 
 async def get_template(request: web.Request) -> web.Response:
     template_id = parse_id(request.match_info["id"], "template")
-    template = await service_of(request).get_template(current_user(request), template_id)
+    template = await service_of(request).get_template(
+        current_user(request), template_id
+    )
     return json_response(template_view(template))
 
 
@@ -204,7 +208,10 @@ async def list_submissions(request: web.Request) -> web.Response:
     )
     next_cursor = _encode_cursor(subs[limit - 1].seq) if len(subs) > limit else None
     return json_response(
-        {"items": [submission_view(s) for s in subs[:limit]], "next_cursor": next_cursor}
+        {
+            "items": [submission_view(s) for s in subs[:limit]],
+            "next_cursor": next_cursor,
+        }
     )
 
 
@@ -238,11 +245,11 @@ def _decode_cursor(text: str | None) -> int | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        if not raw.startswith("s") or not raw[1:].isdigit():
-            raise ValueError(raw)
-        return int(raw[1:])
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ServiceErrorResponse(400, "bad_cursor", "cursor is not valid") from None
+        raw = ""
+    if not raw.startswith("s") or not raw[1:].isdigit() or len(raw) > 20:
+        raise ServiceErrorResponse(400, "bad_cursor", "cursor is not valid")
+    return int(raw[1:])
 
 
 async def get_submission(request: web.Request) -> web.Response:

@@ -7,7 +7,6 @@ the contract's section 5 says.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import secrets
@@ -41,15 +40,15 @@ log = logging.getLogger(__name__)
 
 MAX_HOPS: Final = 5
 USER_AGENT: Final = f"ptdaemon/{__version__}"
-CREDENTIAL_HEADERS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+CREDENTIAL_HEADERS: Final = frozenset(
+    {"authorization", "cookie", "proxy-authorization"}
+)
 
 
 class HttpDispatcher:
     """Delivers HTTP_POST (web forms) and API (JSON) templates."""
 
-    def __init__(
-        self, method: Method, *, connector_limit: int = 100
-    ) -> None:
+    def __init__(self, method: Method, *, connector_limit: int = 100) -> None:
         self.method = method
         self._connector_limit = connector_limit
         self._session: aiohttp.ClientSession | None = None
@@ -292,7 +291,9 @@ def _remote(
     )
 
 
-def _failure(exc: BaseException, category: ErrorCategory, message: str) -> DeliveryError:
+def _failure(
+    exc: BaseException, category: ErrorCategory, message: str
+) -> DeliveryError:
     return DeliveryError(
         message,
         category=category,
@@ -302,7 +303,9 @@ def _failure(exc: BaseException, category: ErrorCategory, message: str) -> Deliv
 
 def _network_message(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc}"
+        return (
+            f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc}"
+        )
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     return f"network error: {type(exc).__name__}"
@@ -340,4 +343,3 @@ def check_url(url: str) -> None:
 
 
 __all__ = ["HttpDispatcher", "build_request", "check_url", "encode_form", "judge"]
-
