@@ -167,6 +167,9 @@ class Store:
         except sqlite3.Error as exc:
             await self._close_connections()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        except BaseException:
+            await self._close_connections()
+            raise
         with contextlib.suppress(OSError):
             self.path.chmod(0o600)
         self._task = asyncio.create_task(self._write_loop(), name="store-writer")

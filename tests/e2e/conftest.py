@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 READY = re.compile(r"daemon ready .*listen=(\S+)")
 START_TIMEOUT_SECONDS = 15.0
@@ -38,7 +42,7 @@ class Seen:
     at: float
     method: str
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: bytes
 
 
@@ -51,6 +55,7 @@ class Sink:
         self.requests: list[Seen] = []
         self.arrived = asyncio.Condition()
         self.port = 0
+        self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
     def url(self, path: str) -> str:
@@ -64,7 +69,9 @@ class Sink:
     def seen(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path == path]
 
-    async def wait_for(self, path: str, count: int, timeout: float = 15.0) -> list[Seen]:
+    async def wait_for(
+        self, path: str, count: int, timeout: float = 15.0
+    ) -> list[Seen]:
         async with asyncio.timeout(timeout):
             async with self.arrived:
                 await self.arrived.wait_for(lambda: len(self.seen(path)) >= count)
@@ -73,7 +80,11 @@ class Sink:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         seen = Seen(
-            time.time(), request.method, request.path, dict(request.headers), body
+            time.time(),
+            request.method,
+            request.path,
+            CIMultiDict(request.headers),
+            body,
         )
         self.requests.append(seen)
         async with self.arrived:
@@ -81,7 +92,10 @@ class Sink:
         queue = self.scripts.get(request.path)
         reply = queue.pop(0) if queue else self.defaults.get(request.path, Reply())
         if reply.delay:
-            await asyncio.sleep(reply.delay)
+            # A delay ends early when the sink stops, so that teardown never
+            # waits for a reply that nobody reads any more.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), reply.delay)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     async def start(self) -> None:
@@ -94,8 +108,18 @@ class Sink:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on (bound once, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @pytest.fixture
@@ -104,6 +128,19 @@ async def sink() -> AsyncIterator[Sink]:
     await server.start()
     yield server
     await server.stop()
+
+
+@dataclass
+class Answer:
+    """One answer of the control API, whatever its body."""
+
+    status: int
+    headers: CIMultiDict[str]
+    raw: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
 
 
 class Api:
@@ -135,6 +172,27 @@ class Api:
             text = await response.read()
             payload = json.loads(text) if text else None
             return response.status, payload
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        auth: bool = True,
+    ) -> Answer:
+        """Send exactly these headers and bytes; `auth=False` sends no token."""
+        sent = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        sent.update(headers or {})
+        data: bytes | io.BytesIO | None = raw
+        if raw is not None and len(raw) > 65536:
+            data = io.BytesIO(raw)  # aiohttp warns about large raw bytes
+        async with self.session.request(
+            method, self.base + path, data=data, headers=sent
+        ) as response:
+            body = await response.read()
+            return Answer(response.status, CIMultiDict(response.headers), body)
 
     async def ok(self, method: str, path: str, body: Any = None) -> Any:
         status, payload = await self.request(method, path, body)
@@ -177,7 +235,14 @@ class Api:
 class DaemonProcess:
     """The real `ptdaemon serve`, run as a child process on a temporary state dir."""
 
-    def __init__(self, root: Path, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        extra_config: str = "",
+        *,
+        grace: float = 5.0,
+        allow_networks: str = '["127.0.0.0/8"]',
+    ) -> None:
         self.root = root
         self.config_path = root / "config.toml"
         self.log_path = root / "daemon.log"
@@ -186,14 +251,15 @@ class DaemonProcess:
             "[daemon]\n"
             'state_dir = "state"\n'
             'log_level = "debug"\n'
-            "shutdown_grace_seconds = 5\n"
+            f"shutdown_grace_seconds = {grace}\n"
             "[api]\n"
             'listen = "127.0.0.1:0"\n'
+            "rate_per_second = 0\n"
             "[dispatch]\n"
             'file_roots = ["drop"]\n'
             "timeout_seconds = 5\n"
             "[security]\n"
-            'allow_networks = ["127.0.0.0/8"]\n' + extra_config
+            f"allow_networks = {allow_networks}\n" + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
@@ -213,7 +279,14 @@ class DaemonProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ptdaemon", "serve", "--config", str(self.config_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "ptdaemon",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 cwd=self.root,
@@ -229,6 +302,21 @@ class DaemonProcess:
                 raise AssertionError(f"daemon exited early:\n{self.log()[offset:]}")
             await asyncio.sleep(0.05)
         raise AssertionError(f"daemon not ready:\n{self.log()[offset:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def context_switches(self) -> int:
+        """Voluntary and involuntary context switches of all the daemon's threads."""
+        total = 0
+        for status in Path(f"/proc/{self.pid}/task").glob("*/status"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                for line in status.read_text().splitlines():
+                    if "ctxt_switches:" in line:
+                        total += int(line.split(":")[1])
+        return total
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -256,8 +344,16 @@ async def start_daemon(
     """Start `ptdaemon serve`; returns (process, Api). Stopped at teardown."""
     started: list[tuple[DaemonProcess, Api]] = []
 
-    async def start(extra_config: str = "") -> tuple[DaemonProcess, Api]:
-        process = DaemonProcess(tmp_path, extra_config)
+    async def start(
+        extra_config: str = "",
+        *,
+        grace: float = 5.0,
+        allow_networks: str = '["127.0.0.0/8"]',
+    ) -> tuple[DaemonProcess, Api]:
+        """`grace` is [daemon] shutdown_grace_seconds; `allow_networks` a TOML list."""
+        process = DaemonProcess(
+            tmp_path, extra_config, grace=grace, allow_networks=allow_networks
+        )
         await process.start()
         api = Api(process.base, process.token)
         started.append((process, api))

@@ -1,0 +1,240 @@
+"""The engine: claims, limits, outcomes, and cutting attempts at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ptdaemon import queries
+from ptdaemon.dispatch.base import Delivery, Result
+from ptdaemon.engine import Engine
+from ptdaemon.errors import DeliveryError
+from ptdaemon.models import ErrorCategory, Method, Outcome, Status, Template
+from ptdaemon.scheduler import Scheduler
+from ptdaemon.store import Store
+from tests.test_store import make_submission, make_template, make_user
+
+
+@dataclass
+class FakeDispatcher:
+    """Delivers by destination name: `gates` block, `errors` fail."""
+
+    method: Method = Method.API
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    errors: dict[str, list[BaseException]] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+    peak: dict[str, int] = field(default_factory=dict)
+    delivered: list[str] = field(default_factory=list)
+
+    def check_target(self, target: Any) -> None:
+        return None
+
+    def destination_key(self, template: Template) -> str:
+        return str(template.target["url"])
+
+    async def deliver(self, delivery: Delivery) -> Result:
+        key = self.destination_key(delivery.template)
+        self.running[key] = self.running.get(key, 0) + 1
+        self.peak[key] = max(self.peak.get(key, 0), self.running[key])
+        try:
+            gate = self.gates.get(key)
+            if gate is not None:
+                await gate.wait()
+            failures = self.errors.get(key)
+            if failures:
+                raise failures.pop(0)
+            self.delivered.append(delivery.submission_id)
+            return Result(status=200, response_data={"ok": True})
+        finally:
+            self.running[key] -= 1
+
+    async def close(self) -> None:
+        return None
+
+
+class Rig:
+    def __init__(self, store: Store, dispatcher: FakeDispatcher) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.scheduler = Scheduler(
+            lambda n: store.read(lambda c: queries.due_window(c, n))
+        )
+        self.engine: Engine | None = None
+        self.user = make_user()
+        self.templates: dict[str, Template] = {}
+
+    def start(self, *, concurrency: int = 10, per_destination: int = 10) -> None:
+        self.engine = Engine(
+            self.store,
+            self.scheduler,
+            {Method.API: self.dispatcher},
+            concurrency=concurrency,
+            per_destination=per_destination,
+        )
+        self.engine.start()
+
+    async def submit(self, destination: str, **template_fields: Any) -> str:
+        template = self.templates.get(destination)
+        if template is None:
+            template = make_template(self.user, name=destination)
+            template.target = {"url": destination}
+            template.retry_backoff_seconds = 0.05
+            for key, value in template_fields.items():
+                setattr(template, key, value)
+            self.templates[destination] = template
+            await self.store.write(lambda c: queries.insert_template(c, template))
+        sub = make_submission(self.user, template, due=0.0)
+        sub.max_retries = template.max_retries
+        sub.retry_backoff_seconds = template.retry_backoff_seconds
+        [(row, _)] = await self.store.write(
+            lambda c: queries.insert_submissions(c, [queries.NewSubmission(sub, None)])
+        )
+        self.scheduler.push(0.0, row.seq, row.id)
+        return row.id
+
+    async def status(self, sub_id: str) -> Status:
+        sub = await self.store.read(
+            lambda c: queries.get_submission(c, sub_id, self.user.id)
+        )
+        assert sub is not None
+        return sub.status
+
+    async def wait_status(self, sub_id: str, *wanted: Status) -> None:
+        async with asyncio.timeout(10):
+            while await self.status(sub_id) not in wanted:
+                await asyncio.sleep(0.01)
+
+    async def attempts(self, sub_id: str) -> list[Any]:
+        found = await self.store.read(
+            lambda c: queries.list_attempts(c, sub_id, self.user.id)
+        )
+        assert found is not None
+        return found
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    store = await Store.open(tmp_path / "db.sqlite")
+    made = Rig(store, FakeDispatcher())
+    await store.write(lambda c: queries.insert_user(c, made.user, "h"))
+    await made.scheduler.load()
+    yield made
+    if made.engine is not None:
+        for gate in made.dispatcher.gates.values():
+            gate.set()
+        await made.engine.stop(grace_seconds=1)
+    await store.close()
+
+
+async def test_a_success_completes_and_records_one_attempt(rig: Rig):
+    rig.start()
+    sub_id = await rig.submit("a")
+
+    await rig.wait_status(sub_id, Status.COMPLETED)
+
+    [attempt] = await rig.attempts(sub_id)
+    assert attempt.outcome is Outcome.SUCCESS
+    assert attempt.number == 1
+
+
+async def test_transient_errors_retry_until_success(rig: Rig):
+    error = DeliveryError("busy", category=ErrorCategory.REMOTE, retryable=True)
+    rig.dispatcher.errors["a"] = [error, error]
+    rig.start()
+    sub_id = await rig.submit("a")
+
+    await rig.wait_status(sub_id, Status.COMPLETED)
+
+    attempts = await rig.attempts(sub_id)
+    assert [a.outcome for a in attempts] == [
+        Outcome.ERROR,
+        Outcome.ERROR,
+        Outcome.SUCCESS,
+    ]
+    assert [a.number for a in attempts] == [1, 2, 3]
+
+
+async def test_a_dispatcher_crash_is_a_retried_system_error(rig: Rig):
+    rig.dispatcher.errors["a"] = [RuntimeError("plugin bug")]
+    rig.start()
+    sub_id = await rig.submit("a")
+
+    await rig.wait_status(sub_id, Status.COMPLETED)
+
+    first = (await rig.attempts(sub_id))[0]
+    assert first.error_category is ErrorCategory.SYSTEM
+    assert first.error_details["exception"] == "RuntimeError"
+    assert first.error_details["retryable"] is True
+    assert "plugin bug" in first.error_details["traceback"]
+
+
+async def test_a_slow_destination_cannot_starve_the_others(rig: Rig):
+    rig.dispatcher.gates["slow"] = asyncio.Event()
+    rig.start(concurrency=4, per_destination=2)
+    slow = [await rig.submit("slow") for _ in range(10)]
+    fast = [await rig.submit("fast") for _ in range(5)]
+
+    for sub_id in fast:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+
+    assert rig.dispatcher.peak["slow"] == 2
+    assert rig.dispatcher.peak["fast"] <= 2
+    assert await rig.status(slow[-1]) is Status.PENDING
+
+    rig.dispatcher.gates["slow"].set()
+    for sub_id in slow:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+    assert rig.engine is not None
+    assert rig.engine.in_flight == 0
+
+
+async def test_attempts_cut_at_shutdown_are_interrupted_and_due_at_once(rig: Rig):
+    rig.dispatcher.gates["hung"] = asyncio.Event()
+    rig.start()
+    sub_id = await rig.submit("hung")
+    await rig.wait_status(sub_id, Status.PROCESSING)
+    assert rig.engine is not None
+
+    await rig.engine.stop(grace_seconds=0.1)
+
+    [attempt] = await rig.attempts(sub_id)
+    sub = await rig.store.read(
+        lambda c: queries.get_submission(c, sub_id, rig.user.id)
+    )
+    assert attempt.outcome is Outcome.INTERRUPTED
+    assert attempt.error_category is ErrorCategory.SYSTEM
+    assert sub is not None
+    assert sub.status is Status.RETRYING
+    assert sub.retry_count == 1
+    assert sub.next_retry_at is not None
+    assert sub.next_retry_at <= attempt.started_at + 5
+
+
+async def test_validation_errors_are_not_retried(rig: Rig):
+    error = DeliveryError("bad address", category=ErrorCategory.VALIDATION)
+    rig.dispatcher.errors["a"] = [error]
+    rig.start()
+    sub_id = await rig.submit("a")
+
+    await rig.wait_status(sub_id, Status.FAILED)
+
+    assert len(await rig.attempts(sub_id)) == 1
+
+
+async def test_cancelled_before_its_turn_is_never_delivered(rig: Rig):
+    sub_id = await rig.submit("a")
+    await rig.store.write(
+        lambda c: queries.cancel_submission(c, sub_id, rig.user.id, 1.0)
+    )
+    rig.start()
+    other = await rig.submit("a")
+
+    await rig.wait_status(other, Status.COMPLETED)
+
+    assert sub_id not in rig.dispatcher.delivered
+    assert await rig.status(sub_id) is Status.CANCELLED
