@@ -117,9 +117,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
         "state_dir": str(config.state_path),
         "listen": config.api.listen,
         "file_roots": [str(p) for p in config.file_root_paths],
-        "templates": [
-            t["name"] if isinstance(t, dict) else t.name for t in config.templates
-        ],
+        "templates": config.template_names(),
     }
     if args.json:
         print(json.dumps(summary, indent=2))

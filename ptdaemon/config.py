@@ -61,14 +61,14 @@ class _Section(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every table: immutable, and a typo in a key is an error."""
 
 
-class DaemonConfig(_Section):
+class DaemonConfig(_Section, frozen=True):
     state_dir: NonEmpty = "./ptdaemon-data"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     shutdown_grace_seconds: Annotated[float, Meta(gt=0)] = 30.0
 
 
-class ApiConfig(_Section):
+class ApiConfig(_Section, frozen=True):
     listen: str = DEFAULT_LISTEN
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1048576
     rate_per_second: Annotated[float, Meta(ge=0)] = 50.0
@@ -83,7 +83,7 @@ class ApiConfig(_Section):
         return parse_listen(self.listen)
 
 
-class DispatchConfig(_Section):
+class DispatchConfig(_Section, frozen=True):
     concurrency: Annotated[int, Meta(ge=1)] = 100
     per_host_concurrency: Annotated[int, Meta(ge=1)] = 10
     timeout_seconds: Timeout = 30.0
@@ -92,12 +92,12 @@ class DispatchConfig(_Section):
     heap_window: Annotated[int, Meta(ge=100)] = 10000
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     templates_per_user: Annotated[int, Meta(ge=0)] = 1000
     unfinished_per_user: Annotated[int, Meta(ge=0)] = 1000000
 
 
-class SmtpConfig(_Section):
+class SmtpConfig(_Section, frozen=True):
     host: NonEmpty = "localhost"
     port: Annotated[int, Meta(ge=1, le=65535)] = 25
     tls: Literal["starttls", "implicit", "none"] = "none"
@@ -115,7 +115,7 @@ class SmtpConfig(_Section):
             )
 
 
-class SecurityConfig(_Section):
+class SecurityConfig(_Section, frozen=True):
     allow_networks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -133,11 +133,11 @@ class SecurityConfig(_Section):
         ]
 
 
-class RetentionConfig(_Section):
+class RetentionConfig(_Section, frozen=True):
     finished_days: Annotated[float, Meta(ge=0)] = 30.0
 
 
-class ConfigFile(_Section):
+class ConfigFile(_Section, frozen=True):
     """The tables of config.toml exactly as written."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -150,7 +150,7 @@ class ConfigFile(_Section):
     templates: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Config(ConfigFile, kw_only=True):
+class Config(ConfigFile, frozen=True, kw_only=True):
     """The whole configuration, plus the values the load step derives.
 
     Build it with `load_config` or `default_config`. `templates` holds the

@@ -114,10 +114,12 @@ class Engine:
 
     async def _attempt(self, entry: Entry) -> None:
         destination: _Destination | None = None
+        key = ""
         try:
-            key = await self._destination_key(entry[2])
-            if key is None:
+            found = await self._destination_key(entry[2])
+            if found is None:
                 return
+            key = found
             destination = self._destinations.setdefault(key, _Destination())
             if destination.active >= self._per_destination:
                 destination.waiting.append(entry)

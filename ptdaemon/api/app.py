@@ -130,7 +130,7 @@ async def errors_middleware(
         response = await handler(request)
     except ServiceError as exc:
         response = json_response(error_body(exc), status=exc.http_status)
-        if isinstance(exc.http_status, int) and exc.http_status == 503:
+        if exc.http_status == 503:
             response.headers["Retry-After"] = STORAGE_RETRY_AFTER
     except ServiceErrorResponse as exc:
         response = error_response(exc.status, exc.code, exc.message)

@@ -32,7 +32,8 @@ def error_of(answer: Answer, status: int, code: str | None = None) -> dict[str, 
 
 async def post_json(api: Any, path: str, body: Any, **headers: str) -> Answer:
     raw = json.dumps(body).encode()
-    return await api.send("POST", path, headers={**JSON, **headers}, raw=raw)  # type: ignore[no-any-return]
+    answer: Answer = await api.send("POST", path, headers={**JSON, **headers}, raw=raw)
+    return answer
 
 
 def later(seconds: float) -> str:
