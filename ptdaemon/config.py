@@ -19,12 +19,12 @@ from msgspec import Meta, Struct, field
 
 from ptdaemon.errors import ConfigError
 from ptdaemon.models import TARGET_TYPES, TemplateIn
+from ptdaemon.redact import MASK
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8425"
 UNIX_PREFIX: Final = "unix:"
 # sun_path holds 108 bytes on Linux, one of them the final NUL.
 UNIX_PATH_MAX_BYTES: Final = 107
-MASK: Final = "***"
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 Timeout = Annotated[float, Meta(ge=0.1, le=3600)]

@@ -12,10 +12,12 @@ import sys
 import time
 from typing import IO, Any, Final
 
+from ptdaemon.redact import MASK
+
 # API requests go to this logger, one line each: message "request finished",
 # extra {"method", "path", "status", "duration_ms", "user_id", "remote"}.
 ACCESS_LOGGER: Final = "ptdaemon.access"
-MASK: Final = "***"
+
 LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

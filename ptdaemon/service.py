@@ -38,6 +38,7 @@ from ptdaemon.models import (
     User,
     UserIn,
 )
+from ptdaemon.redact import MASK, unmask_target
 from ptdaemon.scheduler import Scheduler
 from ptdaemon.signing import generate_secret, secret_bytes
 from ptdaemon.store import Store
@@ -46,10 +47,9 @@ from ptdaemon.timeutil import parse_time
 
 log = logging.getLogger(__name__)
 
-MASK: Final = "***"
 TOKEN_PREFIX: Final = "ptd_"  # noqa: S105 - a prefix, not a secret
 MAX_DATA_DEPTH: Final = 32
-SENSITIVE_HEADER_WORDS: Final = ("auth", "key", "token", "secret", "password", "cookie")
+LATEST_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def hash_token(token: str) -> str:
@@ -371,13 +371,7 @@ class Service:
         now = wall_now()
         due = now
         if spec.scheduled_at is not None:
-            try:
-                due = parse_time(spec.scheduled_at)
-            except ValueError as exc:
-                raise InvalidError(
-                    "scheduled_at must be an RFC 3339 time with a UTC offset",
-                    code="invalid",
-                ) from exc
+            due = _scheduled_time(spec.scheduled_at)
         sub = Submission(
             id=str(uuid.uuid4()),
             user_id=user.id,
@@ -474,6 +468,20 @@ class Service:
         return sub
 
 
+def _scheduled_time(text: str) -> float:
+    try:
+        due = parse_time(text)
+    except ValueError:
+        due = -1.0
+    if not 0 <= due <= LATEST_TIME:
+        raise InvalidError(
+            "scheduled_at must be an RFC 3339 time with a UTC offset,"
+            " between 1970 and 9999",
+            code="invalid",
+        )
+    return due
+
+
 def _require_admin(user: User) -> None:
     if not user.admin:
         raise ForbiddenError("only an admin can manage users")
@@ -512,44 +520,4 @@ def merge_patch(target: Any, patch: Any) -> Any:
             result.pop(key, None)
         else:
             result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def is_sensitive_header(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in SENSITIVE_HEADER_WORDS)
-
-
-def mask_target(target: dict[str, Any]) -> dict[str, Any]:
-    """A target as responses show it: every secret replaced by `***`."""
-    masked = dict(target)
-    auth = masked.get("auth")
-    if isinstance(auth, dict):
-        masked["auth"] = {
-            k: (MASK if k in ("token", "password", "value") else v)
-            for k, v in auth.items()
-        }
-    headers = masked.get("headers")
-    if isinstance(headers, dict):
-        masked["headers"] = {
-            k: (MASK if is_sensitive_header(k) else v) for k, v in headers.items()
-        }
-    return masked
-
-
-def unmask_target(new: Any, old: dict[str, Any]) -> Any:
-    """Put stored secrets back where a patch left `***` in their place."""
-    if not isinstance(new, dict):
-        return new
-    result = dict(new)
-    auth, old_auth = result.get("auth"), old.get("auth")
-    if isinstance(auth, dict) and isinstance(old_auth, dict):
-        result["auth"] = {
-            k: (old_auth.get(k, v) if v == MASK else v) for k, v in auth.items()
-        }
-    headers, old_headers = result.get("headers"), old.get("headers")
-    if isinstance(headers, dict) and isinstance(old_headers, dict):
-        result["headers"] = {
-            k: (old_headers.get(k, v) if v == MASK else v) for k, v in headers.items()
-        }
     return result

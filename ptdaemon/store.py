@@ -29,6 +29,9 @@ WriteFn = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH: Final = 2000
 BUSY_TIMEOUT_MS: Final = 5000
+# Reader connections, each with its own thread: reads run in parallel with
+# each other and with the writer (WAL).
+READERS: Final = 2
 
 MIGRATIONS: Final[list[str]] = [
     # 1: the first schema.
@@ -134,7 +137,8 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
         self._pending: list[_Op] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -161,9 +165,11 @@ class Store:
             await self._writer.execute("PRAGMA synchronous = FULL")
             await self._writer.execute("PRAGMA journal_size_limit = 67108864")
             await self._migrate()
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await self._reader.execute("PRAGMA query_only = ON")
+            for _ in range(READERS):
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                self._readers.append(reader)
+                await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                await reader.execute("PRAGMA query_only = ON")
         except sqlite3.Error as exc:
             await self._close_connections()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
@@ -247,10 +253,12 @@ class Store:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the reader connection's thread, outside any write."""
-        if self._reader is None:
+        if not self._readers:
             raise StorageUnavailableError("the store is closed")
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        reader = self._readers[self._next_reader]
         try:
-            result: T = await _on_thread(self._reader, fn, self._reader._conn)
+            result: T = await _on_thread(reader, fn, reader._conn)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         return result
@@ -277,11 +285,12 @@ class Store:
         log.info("store closed", extra={"path": str(self.path)})
 
     async def _close_connections(self) -> None:
-        for conn in (self._reader, self._writer):
+        for conn in [*self._readers, self._writer]:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     await conn.close()
-        self._reader = self._writer = None
+        self._readers = []
+        self._writer = None
 
 
 async def _on_thread(

@@ -203,9 +203,7 @@ async def test_attempts_cut_at_shutdown_are_interrupted_and_due_at_once(rig: Rig
     await rig.engine.stop(grace_seconds=0.1)
 
     [attempt] = await rig.attempts(sub_id)
-    sub = await rig.store.read(
-        lambda c: queries.get_submission(c, sub_id, rig.user.id)
-    )
+    sub = await rig.store.read(lambda c: queries.get_submission(c, sub_id, rig.user.id))
     assert attempt.outcome is Outcome.INTERRUPTED
     assert attempt.error_category is ErrorCategory.SYSTEM
     assert sub is not None

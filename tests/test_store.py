@@ -217,7 +217,8 @@ async def test_idempotency_key_returns_original_or_conflicts(store: Store):
         lambda c: queries.insert_submissions(c, [queries.NewSubmission(again, "x")])
     )
 
-    assert created and not repeat_created
+    assert created
+    assert not repeat_created
     assert repeat.id == original.id
     assert isinstance(conflict, ConflictError)
 
@@ -240,7 +241,8 @@ async def test_revoking_a_user_cancels_queued_and_stops_retries(store: Store):
     after = await store.read(lambda c: queries.get_submission(c, queued.id, user.id))
 
     assert cancelled == 1
-    assert after is not None and after.status is Status.CANCELLED
+    assert after is not None
+    assert after.status is Status.CANCELLED
     assert finish.status is Status.RETRYING
     assert status is Status.CANCELLED
 

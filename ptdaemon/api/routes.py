@@ -26,7 +26,8 @@ from ptdaemon.models import (
     submission_view,
     user_view,
 )
-from ptdaemon.service import MASK, convert, mask_target
+from ptdaemon.redact import MASK, mask_target
+from ptdaemon.service import convert
 from ptdaemon.timeutil import format_time
 
 MAX_LIMIT: Final = 500
@@ -229,7 +230,7 @@ def _status_filter(text: str | None) -> Status | None:
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise ServiceErrorResponse(
             400, "bad_query", f"limit must be an integer in 1..{MAX_LIMIT}"
         )

@@ -215,6 +215,8 @@ class FileDispatcher:
             raise _ConfinementError("no [dispatch] file_roots are configured")
         if not os.path.isabs(directory):
             raise _ConfinementError(f"directory {directory!r} is not absolute")
+        if "\x00" in directory:
+            raise _ConfinementError("directory holds a NUL byte")
         real = Path(os.path.realpath(directory))
         if real.is_relative_to(self._state_dir):
             raise _ConfinementError(f"directory {directory!r} is in the state dir")

@@ -32,6 +32,7 @@ from ptdaemon.models import (
     Method,
     Template,
 )
+from ptdaemon.redact import is_sensitive_header
 from ptdaemon.retry import is_retryable_status, parse_retry_after
 from ptdaemon.signing import signature_headers
 from ptdaemon.timeutil import now as wall_now
@@ -118,7 +119,7 @@ class HttpDispatcher:
                 request.method,
                 url,
                 data=request.body,
-                headers=request.headers_for_send(),
+                headers=request.headers,
                 allow_redirects=False,
                 timeout=timeout,
             ) as response:
@@ -135,36 +136,43 @@ class HttpDispatcher:
 
 
 class _Request:
+    """One attempt's request; the same bytes and headers on every redirect hop."""
+
     def __init__(
-        self, method: str, url: str, body: bytes, headers: dict[str, str]
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        credentials: frozenset[str],
     ) -> None:
         self.method = method
         self.url = url
         self.body = body
         self.headers = headers
-        self.signing: tuple[str, list[str]] | None = None
+        self.credentials = credentials
 
     def drop_credentials(self) -> None:
+        """Forget every header that carries a credential (on a change of origin)."""
         self.headers = {
-            k: v for k, v in self.headers.items() if k.lower() not in CREDENTIAL_HEADERS
+            k: v for k, v in self.headers.items() if k.lower() not in self.credentials
         }
-
-    def headers_for_send(self) -> dict[str, str]:
-        if self.signing is None:
-            return self.headers
-        submission_id, keys = self.signing
-        signed = signature_headers(keys, submission_id, int(wall_now()), self.body)
-        return {**self.headers, **signed}
 
 
 def build_request(delivery: Delivery) -> _Request:
-    """Encode the mapped payload and the headers of one attempt."""
+    """Encode the mapped payload and the headers of one attempt, signed once."""
     template = delivery.template
     headers: dict[str, str] = {}
+    credentials = set(CREDENTIAL_HEADERS)
     if template.method is Method.API:
         target: Any = msgspec.convert(template.target, ApiTarget)
         headers.update(target.headers)
-        headers.update(_auth_headers(target.auth))
+        auth = _auth_headers(target.auth)
+        headers.update(auth)
+        credentials.update(name.lower() for name in auth)
+        credentials.update(
+            name.lower() for name in target.headers if is_sensitive_header(name)
+        )
         body = msgspec.json.encode(delivery.payload)
         headers["Content-Type"] = "application/json"
         method = target.method
@@ -175,11 +183,11 @@ def build_request(delivery: Delivery) -> _Request:
         method = "POST"
     headers["User-Agent"] = USER_AGENT
     headers["Idempotency-Key"] = delivery.submission_id
-    request = _Request(method, target.url, body, headers)
     keys = _signing_keys(template, delivery.started_at)
     if keys:
-        request.signing = (delivery.submission_id, keys)
-    return request
+        timestamp = int(delivery.started_at)
+        headers.update(signature_headers(keys, delivery.submission_id, timestamp, body))
+    return _Request(method, target.url, body, headers, frozenset(credentials))
 
 
 def _signing_keys(template: Template, now: float) -> list[str]:
