@@ -27,7 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 SERVICE_KEY: Final = web.AppKey("service", Service)
 STATE_KEY: Final = web.AppKey("state", dict)
-USER_KEY: Final = "ptdaemon.user"
+USER_KEY: Final = web.RequestKey("user", User)
 STORAGE_RETRY_AFTER: Final = "5"
 
 _encoder = msgspec.json.Encoder()
