@@ -35,6 +35,9 @@ SUBMISSION_COLUMNS: Final = (
 
 _template_decoder = msgspec.json.Decoder(Template)
 
+RETRYABLE_STATES: Final = frozenset({Status.FAILED, Status.RETRYING})
+CANCELLABLE_STATES: Final = frozenset({Status.PENDING, Status.RETRYING})
+
 
 # -- users -------------------------------------------------------------------
 
@@ -407,12 +410,7 @@ def retry_submission(
     conn: sqlite3.Connection, submission_id: str, user_id: str, now: float
 ) -> Submission:
     """Make a failed or retrying submission due now, with a fresh budget."""
-    sub = _require(conn, submission_id, user_id)
-    if sub.status not in (Status.FAILED, Status.RETRYING):
-        raise ConflictError(
-            f"a {sub.status.value} submission cannot be retried",
-            code="invalid_state",
-        )
+    _require_state(conn, submission_id, user_id, RETRYABLE_STATES, "retried")
     conn.execute(
         "UPDATE submissions SET status = 'pending', retry_count = 0,"
         " next_retry_at = ?, updated_at = ? WHERE id = ?",
@@ -424,18 +422,28 @@ def retry_submission(
 def cancel_submission(
     conn: sqlite3.Connection, submission_id: str, user_id: str, now: float
 ) -> Submission:
-    sub = _require(conn, submission_id, user_id)
-    if sub.status not in (Status.PENDING, Status.RETRYING):
-        raise ConflictError(
-            f"a {sub.status.value} submission cannot be cancelled",
-            code="invalid_state",
-        )
+    _require_state(conn, submission_id, user_id, CANCELLABLE_STATES, "cancelled")
     conn.execute(
         "UPDATE submissions SET status = 'cancelled', next_retry_at = NULL,"
         " updated_at = ? WHERE id = ?",
         (now, submission_id),
     )
     return _require(conn, submission_id, user_id)
+
+
+def _require_state(
+    conn: sqlite3.Connection,
+    submission_id: str,
+    user_id: str,
+    allowed: frozenset[Status],
+    verb: str,
+) -> None:
+    sub = _require(conn, submission_id, user_id)
+    if sub.status not in allowed:
+        raise ConflictError(
+            f"a {sub.status.value} submission cannot be {verb}",
+            code="invalid_state",
+        )
 
 
 def _require(conn: sqlite3.Connection, submission_id: str, user_id: str) -> Submission:
