@@ -128,6 +128,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        log.info("config loaded", extra=config.summary())
         state_dir = config.state_path
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for root in config.file_root_paths:

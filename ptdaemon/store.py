@@ -217,10 +217,11 @@ class Store:
 
     async def _write_loop(self) -> None:
         assert self._writer is not None
-        while True:
+        while self._pending or not self._closing:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
+                continue
             ops = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
             await self._commit_group(ops)
@@ -270,15 +271,12 @@ class Store:
     # -- closing -----------------------------------------------------------
 
     async def close(self) -> None:
-        """Commit what is queued, then close both connections."""
+        """Commit what is queued, then close the connections."""
         self._closing = True
-        while self._pending:
-            await asyncio.sleep(0)
-            if self._task is None or self._task.done():
-                break
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The writer ends by itself once the queue is empty.
+            with contextlib.suppress(Exception):
                 await self._task
             self._task = None
         await self._close_connections()
