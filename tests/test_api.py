@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -287,3 +288,55 @@ async def test_openapi_lists_every_route(client: Client):
     assert status == 200
     assert document["openapi"].startswith("3.1")
     assert served == documented
+
+
+async def test_secrets_never_reach_logs_or_answers(
+    client: Client, caplog: pytest.LogCaptureFixture
+):
+    import logging
+
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Api-Key", ""))
+        return web.Response(status=503, text="busy")
+
+    app = web.Application()
+    app.router.add_post("/x", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    caplog.set_level(logging.DEBUG)
+    body = {
+        **API_TEMPLATE,
+        "target": {**API_TEMPLATE["target"], "url": f"http://127.0.0.1:{port}/x"},
+        "max_retries": 0,
+    }
+    try:
+        _, template = await client.call("POST", "/v1/templates", body)
+        _, sub = await client.call(
+            "POST",
+            "/v1/submissions",
+            {"form_template_id": template["id"], "data": {"a": 1}},
+        )
+        for _ in range(200):
+            _, sub = await client.call("GET", f"/v1/submissions/{sub['id']}")
+            if sub["status"] == "failed":
+                break
+            await asyncio.sleep(0.02)
+        _, attempts = await client.call(
+            "GET", f"/v1/submissions/{sub['id']}/attempts"
+        )
+    finally:
+        await runner.cleanup()
+
+    answers = json.dumps([sub, attempts])
+    assert seen == ["key-123"]
+    assert sub["status"] == "failed"
+    for secret in ("key-123", "tok-456", template["signing_secret"], client.token):
+        assert secret not in caplog.text
+        assert secret not in answers
