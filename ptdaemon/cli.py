@@ -238,9 +238,10 @@ async def _template_id(client: Client, name_or_id: str) -> str:
 
 
 async def _submit(client: Client, args: argparse.Namespace) -> None:
+    data = _read_data(args.data)
     body: dict[str, Any] = {
         "form_template_id": await _template_id(client, args.template),
-        "data": _read_data(args.data),
+        "data": data,
     }
     if args.scheduled_at:
         body["scheduled_at"] = args.scheduled_at

@@ -21,7 +21,7 @@ from ptdaemon.config import Config, load_config
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
 from ptdaemon.engine import Engine, interrupted_finish
-from ptdaemon.errors import ConfigError, LockedError
+from ptdaemon.errors import ConfigError, ListenError, LockedError
 from ptdaemon.models import (
     Method,
     Status,
@@ -128,12 +128,12 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
-        log.info("config loaded", extra=config.summary())
         state_dir = config.state_path
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for root in config.file_root_paths:
             root.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
+        log.info("config loaded", extra=config.summary())
         try:
             await self._start_pieces(state_dir)
         except BaseException:
@@ -214,7 +214,15 @@ class Daemon:
         self._app = build_app(service, max_body_bytes=api.max_body_bytes)
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        listen = api.parse_listen()
+        try:
+            await self._bind(api.parse_listen())
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {api.listen}: {exc.strerror or exc}"
+            ) from exc
+
+    async def _bind(self, listen: tuple[str, int] | str) -> None:
+        assert self._runner is not None
         site: web.BaseSite
         if isinstance(listen, str):
             with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,10 @@ class LockedError(StoreError):
     """Another daemon holds the state directory."""
 
 
+class ListenError(PtdaemonError):
+    """The API cannot listen on its configured address."""
+
+
 class DeliveryError(PtdaemonError):
     """An attempt failed; `category` and `retryable` decide what follows."""
 
