@@ -30,7 +30,6 @@ from ptdaemon.models import (
     User,
     submission_view,
 )
-from ptdaemon.scheduler import Scheduler
 from ptdaemon.service import Service
 from ptdaemon.store import Store
 from ptdaemon.timeutil import now as wall_now
@@ -145,10 +144,14 @@ class Daemon:
         # Storage first: everything else reads from it.
         self._store = store = await Store.open(state_dir / DB_NAME)
         self._dispatchers = build_dispatchers(config)
-        scheduler = Scheduler(
-            lambda limit: store.read(lambda c: queries.due_window(c, limit)),
+        self._engine = engine = Engine(
+            store,
+            self._dispatchers,
+            concurrency=config.dispatch.concurrency,
+            per_destination=config.dispatch.per_host_concurrency,
             window=config.dispatch.heap_window,
         )
+        scheduler = engine.scheduler
         self._service = service = Service(
             store,
             scheduler,
@@ -171,13 +174,6 @@ class Daemon:
         if recovered:
             log.warning("interrupted attempts recovered", extra={"count": recovered})
         await scheduler.load()
-        self._engine = Engine(
-            store,
-            scheduler,
-            self._dispatchers,
-            concurrency=config.dispatch.concurrency,
-            per_destination=config.dispatch.per_host_concurrency,
-        )
         self._engine.start()
 
         if self._api_enabled:

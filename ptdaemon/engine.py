@@ -42,8 +42,17 @@ INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
 
 @dataclass
 class _Destination:
+    """Attempts running for one destination, and the due entries queued for it.
+
+    Once `waiting` is full the destination is saturated: further entries
+    stay in the store only, and its templates are left out of the
+    scheduler's loads until the queue drains.
+    """
+
     active: int = 0
     waiting: collections.deque[Entry] = field(default_factory=collections.deque)
+    templates: set[str] = field(default_factory=set)
+    saturated: bool = False
 
 
 class Engine:
@@ -52,20 +61,23 @@ class Engine:
     def __init__(
         self,
         store: Store,
-        scheduler: Scheduler,
         dispatchers: dict[Method, Dispatcher],
         *,
         concurrency: int,
         per_destination: int,
+        window: int = 10000,
         clock: Callable[[], float] = wall_now,
         on_finish: Callable[[Submission, Attempt, Status], None] | None = None,
     ) -> None:
         self._store = store
-        self._scheduler = scheduler
+        self.scheduler = Scheduler(self.load_window, window=window, clock=clock)
         self._dispatchers = dispatchers
         self._slots = asyncio.Semaphore(concurrency)
         self._per_destination = per_destination
+        self._waiting_cap = max(100, per_destination * 10)
         self._destinations: dict[str, _Destination] = {}
+        self._parked: set[str] = set()
+        self._stopping = False
         self._clock = clock
         self._on_finish = on_finish
         self._runner: asyncio.Task[None] | None = None
@@ -75,6 +87,20 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    async def load_window(self, limit: int) -> list[Entry]:
+        """The scheduler's loader: the soonest due rows not already held here."""
+        parked = set(self._parked)
+        saturated = {
+            template_id
+            for destination in self._destinations.values()
+            if destination.saturated
+            for template_id in destination.templates
+        }
+        rows = await self._store.read(
+            lambda conn: queries.due_window(conn, limit + len(parked), saturated)
+        )
+        return [row for row in rows if row[2] not in parked][:limit]
+
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="engine-runner")
 
@@ -82,7 +108,7 @@ class Engine:
         while True:
             await self._slots.acquire()
             try:
-                entry = await self._scheduler.next_due()
+                entry = await self.scheduler.next_due()
             except BaseException:
                 self._slots.release()
                 raise
@@ -92,6 +118,7 @@ class Engine:
 
     async def stop(self, *, grace_seconds: float) -> None:
         """Claim nothing more; give running attempts `grace_seconds`, then cut."""
+        self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -113,47 +140,74 @@ class Engine:
     # -- one attempt -------------------------------------------------------
 
     async def _attempt(self, entry: Entry) -> None:
-        destination: _Destination | None = None
-        key = ""
+        """Run one due entry, then whatever queued behind it for its destination."""
         try:
-            found = await self._destination_key(entry[2])
+            if entry[2] in self._parked:
+                return  # a reload brought back an entry already queued here
+            found = await self._destination_of(entry[2])
             if found is None:
                 return
-            key = found
+            key, template_id = found
             destination = self._destinations.setdefault(key, _Destination())
+            destination.templates.add(template_id)
             if destination.active >= self._per_destination:
-                destination.waiting.append(entry)
-                destination = None
+                self._park(destination, entry)
                 return
             destination.active += 1
-            await self._claim_and_deliver(entry[2])
-        except Exception:
-            log.exception("attempt crashed", extra={"submission_id": entry[2]})
+            try:
+                await self._run_for(destination, entry[2])
+            finally:
+                self._release_destination(destination, key)
         finally:
             self._slots.release()
-            if destination is not None:
-                self._release_destination(destination, key)
+
+    async def _run_for(self, destination: _Destination, submission_id: str) -> None:
+        # The place this attempt holds passes to the next entry queued for the
+        # same destination, so a queue never waits for a place that nobody frees.
+        while True:
+            try:
+                await self._claim_and_deliver(submission_id)
+            except Exception:
+                log.exception("attempt crashed", extra={"submission_id": submission_id})
+            if not destination.waiting or self._stopping:
+                return
+            submission_id = destination.waiting.popleft()[2]
+            self._parked.discard(submission_id)
+
+    def _park(self, destination: _Destination, entry: Entry) -> None:
+        if len(destination.waiting) < self._waiting_cap:
+            destination.waiting.append(entry)
+            self._parked.add(entry[2])
+        elif not destination.saturated:
+            destination.saturated = True
+            log.warning(
+                "destination saturated",
+                extra={"waiting": len(destination.waiting)},
+            )
 
     def _release_destination(self, destination: _Destination, key: str) -> None:
         destination.active -= 1
-        if destination.waiting:
-            self._scheduler.push(*destination.waiting.popleft())
-        elif destination.active == 0:
+        if destination.saturated and not destination.waiting:
+            # What was left out of loads while saturated is due again.
+            destination.saturated = False
+            self.scheduler.request_reload()
+        if destination.active == 0 and not destination.waiting:
             del self._destinations[key]
 
-    async def _destination_key(self, submission_id: str) -> str | None:
+    async def _destination_of(self, submission_id: str) -> tuple[str, str] | None:
+        """The destination key and template id of a queued submission."""
         template = await self._store.read(
             lambda conn: _queued_template(conn, submission_id)
         )
         if template is None:
             return None
         dispatcher = self._dispatchers.get(template.method)
-        if dispatcher is None:
-            return f"method:{template.method}"
-        try:
-            return dispatcher.destination_key(template)
-        except Exception:  # noqa: BLE001 - a bad target fails in the attempt itself
-            return f"method:{template.method}"
+        key = f"method:{template.method}"
+        if dispatcher is not None:
+            with contextlib.suppress(Exception):
+                key = dispatcher.destination_key(template)
+
+        return key, template.id
 
     async def _claim_and_deliver(self, submission_id: str) -> None:
         started_at = self._clock()
@@ -248,7 +302,7 @@ class Engine:
             lambda conn: queries.finish_attempt(conn, finish)
         )
         if status is Status.RETRYING and finish.next_retry_at is not None:
-            self._scheduler.push(finish.next_retry_at, sub.seq, sub.id)
+            self.scheduler.push(finish.next_retry_at, sub.seq, sub.id)
         _log_attempt(sub, finish.attempt, status)
         if self._on_finish is not None:
             self._on_finish(sub, finish.attempt, status)

@@ -8,6 +8,7 @@ parameterised, and all that serve a user are filtered by that user's id.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from typing import Any, Final
 
 import msgspec
@@ -456,13 +457,18 @@ def _require(conn: sqlite3.Connection, submission_id: str, user_id: str) -> Subm
 # -- the engine's side -------------------------------------------------------
 
 
-def due_window(conn: sqlite3.Connection, limit: int) -> list[tuple[float, int, str]]:
+def due_window(
+    conn: sqlite3.Connection, limit: int, skip_templates: Iterable[str] = ()
+) -> list[tuple[float, int, str]]:
     """The soonest-due queued submissions, as (due, seq, id)."""
+    skipped = tuple(skip_templates)
+    marks = ", ".join("?" * len(skipped))
     rows = conn.execute(
-        "SELECT next_retry_at, seq, id FROM submissions"
+        "SELECT next_retry_at, seq, id FROM submissions"  # noqa: S608 - only marks
         " WHERE status IN ('pending', 'retrying')"
+        f" AND form_template_id NOT IN ({marks})"
         " ORDER BY next_retry_at, seq LIMIT ?",
-        (limit,),
+        (*skipped, limit),
     ).fetchall()
     return [(float(row[0]), int(row[1]), str(row[2])) for row in rows]
 

@@ -47,7 +47,9 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._refill_lock = asyncio.Lock()
         self._pushed_during_refill: list[Entry] | None = None
+        self._reload_requested = False
         self.wakeups = 0
+        self.loads = 0
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -59,6 +61,7 @@ class Scheduler:
     async def load(self) -> None:
         """Replace the heap with the soonest-due window of the store."""
         async with self._refill_lock:
+            self.loads += 1
             self._pushed_during_refill = []
             try:
                 rows = await self._load_window(self._window)
@@ -92,13 +95,21 @@ class Scheduler:
         del self._heap[self._window :]
         self._horizon = self._heap[-1][0]
 
+    def request_reload(self) -> None:
+        """Reload the window from the store before the next pop."""
+        self._reload_requested = True
+        self._changed.set()
+
     def next_due_at(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
     async def next_due(self) -> Entry:
         """Wait until the soonest entry is due, pop it and return it."""
         while True:
-            if not self._heap and math.isfinite(self._horizon):
+            if self._reload_requested or (
+                not self._heap and math.isfinite(self._horizon)
+            ):
+                self._reload_requested = False
                 await self.load()
                 continue
             delay = self._heap[0][0] - self._clock() if self._heap else None

@@ -15,7 +15,6 @@ from ptdaemon.dispatch.base import Delivery, Result
 from ptdaemon.engine import Engine
 from ptdaemon.errors import DeliveryError
 from ptdaemon.models import ErrorCategory, Method, Outcome, Status, Template
-from ptdaemon.scheduler import Scheduler
 from ptdaemon.store import Store
 from tests.test_store import make_submission, make_template, make_user
 
@@ -58,25 +57,28 @@ class FakeDispatcher:
 
 
 class Rig:
+    """A store, a fake dispatcher and an engine that starts on demand."""
+
     def __init__(self, store: Store, dispatcher: FakeDispatcher) -> None:
         self.store = store
         self.dispatcher = dispatcher
-        self.scheduler = Scheduler(
-            lambda n: store.read(lambda c: queries.due_window(c, n))
-        )
         self.engine: Engine | None = None
         self.user = make_user()
         self.templates: dict[str, Template] = {}
 
-    def start(self, *, concurrency: int = 10, per_destination: int = 10) -> None:
+    async def start(
+        self, *, concurrency: int = 10, per_destination: int = 10, window: int = 100
+    ) -> Engine:
         self.engine = Engine(
             self.store,
-            self.scheduler,
             {Method.API: self.dispatcher},
             concurrency=concurrency,
             per_destination=per_destination,
+            window=window,
         )
+        await self.engine.scheduler.load()
         self.engine.start()
+        return self.engine
 
     async def submit(self, destination: str, **template_fields: Any) -> str:
         template = self.templates.get(destination)
@@ -94,7 +96,8 @@ class Rig:
         [(row, _)] = await self.store.write(
             lambda c: queries.insert_submissions(c, [queries.NewSubmission(sub, None)])
         )
-        self.scheduler.push(0.0, row.seq, row.id)
+        if self.engine is not None:
+            self.engine.scheduler.push(0.0, row.seq, row.id)
         return row.id
 
     async def status(self, sub_id: str) -> Status:
@@ -122,7 +125,6 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     store = await Store.open(tmp_path / "db.sqlite")
     made = Rig(store, FakeDispatcher())
     await store.write(lambda c: queries.insert_user(c, made.user, "h"))
-    await made.scheduler.load()
     yield made
     if made.engine is not None:
         for gate in made.dispatcher.gates.values():
@@ -132,7 +134,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def test_a_success_completes_and_records_one_attempt(rig: Rig):
-    rig.start()
+    await rig.start()
     sub_id = await rig.submit("a")
 
     await rig.wait_status(sub_id, Status.COMPLETED)
@@ -145,7 +147,7 @@ async def test_a_success_completes_and_records_one_attempt(rig: Rig):
 async def test_transient_errors_retry_until_success(rig: Rig):
     error = DeliveryError("busy", category=ErrorCategory.REMOTE, retryable=True)
     rig.dispatcher.errors["a"] = [error, error]
-    rig.start()
+    await rig.start()
     sub_id = await rig.submit("a")
 
     await rig.wait_status(sub_id, Status.COMPLETED)
@@ -161,7 +163,7 @@ async def test_transient_errors_retry_until_success(rig: Rig):
 
 async def test_a_dispatcher_crash_is_a_retried_system_error(rig: Rig):
     rig.dispatcher.errors["a"] = [RuntimeError("plugin bug")]
-    rig.start()
+    await rig.start()
     sub_id = await rig.submit("a")
 
     await rig.wait_status(sub_id, Status.COMPLETED)
@@ -175,7 +177,7 @@ async def test_a_dispatcher_crash_is_a_retried_system_error(rig: Rig):
 
 async def test_a_slow_destination_cannot_starve_the_others(rig: Rig):
     rig.dispatcher.gates["slow"] = asyncio.Event()
-    rig.start(concurrency=4, per_destination=2)
+    await rig.start(concurrency=4, per_destination=2)
     slow = [await rig.submit("slow") for _ in range(10)]
     fast = [await rig.submit("fast") for _ in range(5)]
 
@@ -195,7 +197,7 @@ async def test_a_slow_destination_cannot_starve_the_others(rig: Rig):
 
 async def test_attempts_cut_at_shutdown_are_interrupted_and_due_at_once(rig: Rig):
     rig.dispatcher.gates["hung"] = asyncio.Event()
-    rig.start()
+    await rig.start()
     sub_id = await rig.submit("hung")
     await rig.wait_status(sub_id, Status.PROCESSING)
     assert rig.engine is not None
@@ -216,7 +218,7 @@ async def test_attempts_cut_at_shutdown_are_interrupted_and_due_at_once(rig: Rig
 async def test_validation_errors_are_not_retried(rig: Rig):
     error = DeliveryError("bad address", category=ErrorCategory.VALIDATION)
     rig.dispatcher.errors["a"] = [error]
-    rig.start()
+    await rig.start()
     sub_id = await rig.submit("a")
 
     await rig.wait_status(sub_id, Status.FAILED)
@@ -229,10 +231,32 @@ async def test_cancelled_before_its_turn_is_never_delivered(rig: Rig):
     await rig.store.write(
         lambda c: queries.cancel_submission(c, sub_id, rig.user.id, 1.0)
     )
-    rig.start()
+    await rig.start()
     other = await rig.submit("a")
 
     await rig.wait_status(other, Status.COMPLETED)
 
     assert sub_id not in rig.dispatcher.delivered
     assert await rig.status(sub_id) is Status.CANCELLED
+
+
+async def test_a_dead_destination_with_a_backlog_past_the_window(rig: Rig):
+    rig.dispatcher.gates["dead"] = asyncio.Event()
+    dead = [await rig.submit("dead") for _ in range(400)]
+    engine = await rig.start(concurrency=8, per_destination=2, window=100)
+    fast = [await rig.submit("fast") for _ in range(20)]
+
+    for sub_id in fast:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+    loads_before = engine.scheduler.loads
+    await asyncio.sleep(0.3)
+
+    assert engine.scheduler.loads == loads_before
+    assert len(engine._parked) <= 100
+    assert rig.dispatcher.peak["dead"] == 2
+
+    rig.dispatcher.gates["dead"].set()
+    for sub_id in dead:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+    assert sorted(rig.dispatcher.delivered) == sorted(dead + fast)
+    assert engine._parked == set()
