@@ -22,11 +22,18 @@ from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.errors import (
     BadRequestError,
     ConflictError,
+    DeliveryError,
     ForbiddenError,
     InvalidError,
     NotFoundError,
 )
-from ptdaemon.mapping import check_paths, json_depth, map_payload, missing_required
+from ptdaemon.mapping import (
+    check_paths,
+    form_pairs,
+    json_depth,
+    map_payload,
+    missing_required,
+)
 from ptdaemon.models import (
     TARGET_TYPES,
     Method,
@@ -499,9 +506,6 @@ def _signing_secret(value: str | None) -> tuple[str | None, str | None]:
 
 
 def _check_encodable(template: Template, payload: dict[str, Any]) -> None:
-    from ptdaemon.errors import DeliveryError
-    from ptdaemon.mapping import form_pairs
-
     encoding = template.target.get("encoding")
     if template.method is Method.HTTP_POST and encoding in ("form", "multipart"):
         try:
