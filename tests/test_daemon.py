@@ -142,3 +142,24 @@ async def test_embedded_daemon_can_serve_the_api_too(tmp_path: Path):
             body = await reply.json()
 
     assert body == {"status": "ok"}
+
+
+async def test_the_api_listens_on_a_unix_socket(tmp_path: Path):
+    import aiohttp
+
+    path = write_config(tmp_path)
+    socket_path = tmp_path / "api.sock"
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"unix:{socket_path}"))
+
+    async with Daemon(path, api=True) as daemon:
+        mode = socket_path.stat().st_mode & 0o777
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get("http://localhost/healthz") as reply,
+        ):
+            body = await reply.json()
+
+    assert daemon.listen_address == f"unix:{socket_path}"
+    assert mode == 0o660
+    assert body == {"status": "ok"}
