@@ -30,7 +30,7 @@ from ptdaemon.models import (
     User,
     submission_view,
 )
-from ptdaemon.service import Service
+from ptdaemon.service import ADMIN_NAME, Service
 from ptdaemon.store import Store
 from ptdaemon.timeutil import now as wall_now
 
@@ -90,7 +90,7 @@ class Daemon:
             config = load_config(config)
         self.config = config
         self._api_enabled = api
-        self._user_name = user or "admin"
+        self._user_name = user or ADMIN_NAME
         self._lock = StateLock(config.state_path)
         self._store: Store | None = None
         self._dispatchers: dict[Method, Dispatcher] = {}
@@ -191,7 +191,7 @@ class Daemon:
     async def _sync_templates(self, service: Service) -> None:
         if not self.config.templates:
             return
-        admin = await service.user_by_name("admin")
+        admin = await service.user_by_name(ADMIN_NAME)
         if admin is None:
             raise ConfigError("templates in the config need the user 'admin'")
         for index, raw in enumerate(self.config.templates):

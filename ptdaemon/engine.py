@@ -37,6 +37,7 @@ from ptdaemon.timeutil import now as wall_now
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_GRACE_SECONDS: Final = 1.0
 INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
 
 
@@ -265,7 +266,10 @@ class Engine:
                 category=ErrorCategory.VALIDATION,
             )
         delivery = self._prepare(sub, template, claim.attempt, started_at)
-        async with asyncio.timeout(template.timeout_seconds):
+        # Dispatchers that talk to a network apply the template's timeout
+        # themselves, so that a reply that came in time keeps its verdict; this
+        # limit stops any dispatcher that overruns it.
+        async with asyncio.timeout(template.timeout_seconds + TIMEOUT_GRACE_SECONDS):
             return await dispatcher.deliver(delivery)
 
     @staticmethod

@@ -29,6 +29,8 @@ _FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
 # format spec in str.format; a placeholder holding them is only a field name
 # when the fields really have that key.
 _FORMAT_SYNTAX: Final = frozenset(".[]!:")
+# Refused when a template is saved; a dot may still be part of a field name.
+_SAVE_REFUSED: Final = frozenset("[]!:")
 
 
 def normalise_key(key: str) -> str:
@@ -216,8 +218,12 @@ def placeholder_names(text: str) -> list[str]:
 
 
 def check_template_text(text: str) -> None:
-    """Raise InvalidError when `text` has malformed braces."""
-    placeholder_names(text)
+    """Raise InvalidError for malformed braces or a name that is not plain."""
+    for name in placeholder_names(text):
+        if not name or _SAVE_REFUSED.intersection(name) or "__" in name:
+            raise InvalidError(
+                f"placeholder {{{name}}}: only plain field names are allowed"
+            )
 
 
 def _placeholder_text(name: str, fields: dict[str, Any]) -> str:

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX: Final = "ptd_"  # noqa: S105 - a prefix, not a secret
 MAX_DATA_DEPTH: Final = 32
+ADMIN_NAME: Final = "admin"
 LATEST_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
@@ -111,7 +112,7 @@ class Service:
             return None
         token = new_token()
         user = User(
-            id=str(uuid.uuid4()), name="admin", admin=True, created_at=wall_now()
+            id=str(uuid.uuid4()), name=ADMIN_NAME, admin=True, created_at=wall_now()
         )
         await self.store.write(
             lambda c: queries.insert_user(c, user, hash_token(token))
@@ -146,6 +147,14 @@ class Service:
 
     async def delete_user(self, actor: User, user_id: str) -> None:
         _require_admin(actor)
+        if user_id == actor.id:
+            raise ConflictError("you cannot delete yourself", code="invalid_state")
+        admin = await self.user_by_name(ADMIN_NAME)
+        if admin is not None and admin.id == user_id:
+            raise ConflictError(
+                "the admin user cannot be deleted; rotate its token instead",
+                code="invalid_state",
+            )
         now = wall_now()
         cancelled = await self.store.write(
             lambda c: queries.delete_user(c, user_id, now)

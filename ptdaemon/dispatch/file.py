@@ -22,7 +22,12 @@ from msgspec import Struct
 
 from ptdaemon.dispatch.base import Delivery, Result
 from ptdaemon.errors import DeliveryError, InvalidError
-from ptdaemon.mapping import csv_document, placeholder_names, render
+from ptdaemon.mapping import (
+    check_template_text,
+    csv_document,
+    placeholder_names,
+    render,
+)
 from ptdaemon.models import ErrorCategory, FileTarget, Method, Template
 
 log = logging.getLogger(__name__)
@@ -314,6 +319,7 @@ def _as_file_target(target: Struct | dict[str, Any]) -> FileTarget:
 def _check_filename(filename: str) -> None:
     """Refuse a filename that can never render to a single path component."""
     try:
+        check_template_text(filename)
         names = placeholder_names(filename)
     except InvalidError as exc:
         raise _invalid("target.filename", exc.message) from exc

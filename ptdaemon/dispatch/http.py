@@ -7,6 +7,7 @@ the contract's section 5 says.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
@@ -85,18 +86,17 @@ class HttpDispatcher:
         return f"http:{url.scheme}://{url.host}:{url.port}"
 
     async def deliver(self, delivery: Delivery) -> Result:
-        template = delivery.template
         request = build_request(delivery)
         url = URL(request.url, encoded=False)
         origin = url.origin()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delivery.template.timeout_seconds
         for _ in range(MAX_HOPS + 1):
-            status, headers, reply = await self._send(request, url, template)
+            remaining = max(deadline - loop.time(), 0.001)
+            status, headers, reply = await self._send(request, url, remaining)
             if status not in (307, 308):
                 return judge(self.method, status, headers, reply)
-            location = headers.get("Location")
-            if not location:
-                raise _remote(status, reply, "redirect without a Location")
-            url = url.join(URL(location))
+            url = _redirect_target(url, status, headers.get("Location"), reply)
             if url.origin() != origin:
                 request.drop_credentials()
                 origin = url.origin()
@@ -108,11 +108,10 @@ class HttpDispatcher:
         )
 
     async def _send(
-        self, request: _Request, url: URL, template: Template
+        self, request: _Request, url: URL, timeout_seconds: float
     ) -> tuple[int, CIMultiDict[str], bytes]:
         timeout = aiohttp.ClientTimeout(
-            total=template.timeout_seconds,
-            sock_connect=min(template.timeout_seconds, 30.0),
+            total=timeout_seconds, sock_connect=min(timeout_seconds, 30.0)
         )
         try:
             async with self._client().request(
@@ -125,14 +124,28 @@ class HttpDispatcher:
             ) as response:
                 reply = await _read_capped(response)
                 return response.status, CIMultiDict(response.headers), reply
-        except DeliveryError:
-            raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise _failure(exc, ErrorCategory.TIMEOUT, "timed out") from exc
+            message = f"no answer within {timeout_seconds:.3g} s"
+            raise _failure(exc, ErrorCategory.TIMEOUT, message) from exc
         except aiohttp.InvalidURL as exc:
             raise _failure(exc, ErrorCategory.VALIDATION, "invalid URL") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _failure(exc, ErrorCategory.NETWORK, _network_message(exc)) from exc
+
+
+def _redirect_target(url: URL, status: int, location: str | None, reply: bytes) -> URL:
+    """Where a 307 or 308 leads; a Location that cannot be followed is final."""
+    if not location:
+        raise _remote(status, reply, "redirect without a Location")
+    try:
+        target = url.join(URL(location))
+    except (ValueError, TypeError):
+        target = None
+    if target is None or target.scheme not in ("http", "https") or not target.host:
+        error = _remote(status, reply, "redirect to a location that cannot be followed")
+        error.details["location"] = location
+        raise error
+    return target
 
 
 class _Request:
@@ -251,8 +264,9 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-        # The status already carries the verdict; a cut body is kept as read.
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+        # The status already carries the verdict; a cut or slow body is kept as
+        # far as it was read.
         pass
     return b"".join(chunks)
 
