@@ -412,6 +412,11 @@ def retry_submission(
 ) -> Submission:
     """Make a failed or retrying submission due now, with a fresh budget."""
     _require_state(conn, submission_id, user_id, RETRYABLE_STATES, "retried")
+    template_id = _require(conn, submission_id, user_id).form_template_id
+    if get_template(conn, template_id, user_id) is None:
+        raise ConflictError(
+            "the submission's template was deleted", code="template_deleted"
+        )
     conn.execute(
         "UPDATE submissions SET status = 'pending', retry_count = 0,"
         " next_retry_at = ?, updated_at = ? WHERE id = ?",

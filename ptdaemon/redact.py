@@ -30,6 +30,23 @@ def mask_target(target: dict[str, Any]) -> dict[str, Any]:
     return masked
 
 
+def masked_places(target: Any) -> list[str]:
+    """Secret places of a target that still say `***` (nothing stored there)."""
+    if not isinstance(target, dict):
+        return []
+    masked = mask_target(target)
+    places: list[str] = []
+    for section in ("auth", "headers"):
+        values, shown = target.get(section), masked.get(section)
+        if isinstance(values, dict) and isinstance(shown, dict):
+            places.extend(
+                f"target.{section}.{key}"
+                for key, value in values.items()
+                if value == MASK and shown.get(key) == MASK
+            )
+    return places
+
+
 def unmask_target(new: Any, old: dict[str, Any]) -> Any:
     """Put stored secrets back where a patch left `***` in their place."""
     if not isinstance(new, dict):

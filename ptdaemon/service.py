@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import secrets
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Final
@@ -45,7 +46,7 @@ from ptdaemon.models import (
     User,
     UserIn,
 )
-from ptdaemon.redact import MASK, unmask_target
+from ptdaemon.redact import MASK, masked_places, unmask_target
 from ptdaemon.scheduler import Scheduler
 from ptdaemon.signing import generate_secret, secret_bytes
 from ptdaemon.store import Store
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 TOKEN_PREFIX: Final = "ptd_"  # noqa: S105 - a prefix, not a secret
 MAX_DATA_DEPTH: Final = 32
 ADMIN_NAME: Final = "admin"
+AUTO_SECRET: Final = "auto"  # noqa: S105 - asks for a generated secret
 LATEST_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
@@ -208,6 +210,13 @@ class Service:
         old = await self.store.read(
             lambda c: queries.template_by_name(c, user.id, spec.name)
         )
+        if (
+            spec.signing_secret == AUTO_SECRET
+            and old is not None
+            and old.signing_secret
+        ):
+            # "auto" in the config file keeps the secret made at the first start.
+            spec = msgspec.structs.replace(spec, signing_secret=old.signing_secret)
         template, _ = self._build_template(user, spec, old, wall_now())
         if old is None:
             await self.store.write(lambda c: queries.insert_template(c, template))
@@ -232,7 +241,7 @@ class Service:
         template = Template(
             id=old.id if old else str(uuid.uuid4()),
             user_id=user.id,
-            name=spec.name,
+            name=unicodedata.normalize("NFC", spec.name),
             method=spec.method,
             target=target,
             field_map=spec.field_map,
@@ -251,6 +260,12 @@ class Service:
         return template, shown
 
     def _check_target(self, spec: TemplateIn) -> dict[str, Any]:
+        unknown = masked_places(spec.target)
+        if unknown:
+            raise InvalidError(
+                f"{', '.join(unknown)}: there is no stored secret to keep",
+                code="invalid",
+            )
         target_type = TARGET_TYPES[spec.method]
         target = convert(spec.target, target_type, "target")
         if spec.method is Method.FILE:
@@ -507,7 +522,9 @@ def _signing_secret(value: str | None) -> tuple[str | None, str | None]:
     """The secret to store, and the one to show once (a generated one)."""
     if value is None or value == "":
         return None, None
-    if value == "auto":
+    if value == MASK:
+        raise InvalidError("signing_secret: there is no stored secret to keep")
+    if value == AUTO_SECRET:
         secret = generate_secret()
         return secret, secret
     secret_bytes(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import secrets
 import urllib.parse
 from typing import Any, Final
@@ -42,6 +43,28 @@ log = logging.getLogger(__name__)
 
 MAX_HOPS: Final = 5
 USER_AGENT: Final = f"ptdaemon/{__version__}"
+# Framing and routing are this client's; letting a template set them would
+# corrupt or redirect the request.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "idempotency-key",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 CREDENTIAL_HEADERS: Final = frozenset(
     {"authorization", "cookie", "proxy-authorization"}
 )
@@ -77,9 +100,9 @@ class HttpDispatcher:
         url = getattr(target, "url", "")
         check_url(url)
         if isinstance(target, ApiTarget):
-            for name, value in target.headers.items():
-                if _has_control(name) or _has_control(value):
-                    raise InvalidError(f"header {name!r} holds a control character")
+            headers = {**target.headers, **_auth_headers(target.auth)}
+            for name, value in headers.items():
+                check_header(name, value)
 
     def destination_key(self, template: Template) -> str:
         url = URL(str(template.target["url"]))
@@ -361,6 +384,28 @@ def check_url(url: str) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise InvalidError(
             "url must be absolute, with scheme http or https", code="invalid_url"
+        )
+    if parsed.user is not None or parsed.password is not None:
+        raise InvalidError(
+            "url must not hold a user or password; use target.auth",
+            code="invalid_url",
+        )
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a header that is malformed or that this client must set itself."""
+    if not _TOKEN.fullmatch(name):
+        raise InvalidError(
+            "a header name must be a non-empty HTTP token", code="invalid_header"
+        )
+    if name.lower() in RESERVED_HEADERS:
+        raise InvalidError(
+            f"header {name} is set by ptdaemon and cannot be given",
+            code="invalid_header",
+        )
+    if any((ord(ch) < 0x20 and ch != "\t") or ch == "\x7f" for ch in value):
+        raise InvalidError(
+            f"header {name} holds a control character", code="invalid_header"
         )
 
 
