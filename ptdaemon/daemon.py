@@ -21,7 +21,7 @@ from ptdaemon.config import Config, load_config
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
 from ptdaemon.engine import Engine, interrupted_finish
-from ptdaemon.errors import ConfigError, ListenError, LockedError
+from ptdaemon.errors import ConfigError, ListenError, LockedError, StoreError
 from ptdaemon.models import (
     Method,
     Status,
@@ -128,10 +128,15 @@ class Daemon:
     async def start(self) -> None:
         config = self.config
         state_dir = config.state_path
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for root in config.file_root_paths:
-            root.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for root in config.file_root_paths:
+                root.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as exc:
+            raise StoreError(
+                f"cannot use state dir {state_dir}: {exc.strerror or exc}"
+            ) from exc
         log.info("config loaded", extra=config.summary())
         try:
             await self._start_pieces(state_dir)
@@ -239,16 +244,17 @@ class Daemon:
     async def stop(self) -> None:
         """Stop intake, drain attempts up to the grace period, close the store."""
         log.info("daemon stopping")
+        # The API stays up while attempts drain, answering 503 to new calls.
         if self._app is not None:
             self._app[STATE_KEY]["stopping"] = True
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
         if self._engine is not None:
             await self._engine.stop(
                 grace_seconds=self.config.daemon.shutdown_grace_seconds
             )
             self._engine = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         await close_dispatchers(self._dispatchers)
         if self._store is not None:
             await self._store.close()

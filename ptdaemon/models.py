@@ -211,6 +211,12 @@ class BatchIn(Struct, forbid_unknown_fields=True):
     items: Annotated[list[Any], Meta(min_length=1, max_length=1000)]
 
 
+class RotateIn(Struct, forbid_unknown_fields=True):
+    """The optional body of a secret rotation."""
+
+    grace_seconds: Annotated[float, Meta(ge=0, le=2592000)] = 86400.0
+
+
 class UserIn(Struct, forbid_unknown_fields=True):
     name: Name
     admin: bool = False

@@ -36,6 +36,8 @@ SUBMISSION_COLUMNS: Final = (
 
 _template_decoder = msgspec.json.Decoder(Template)
 
+# A page of submissions stops growing past this much stored JSON.
+PAGE_BYTES: Final = 8 * 1024 * 1024
 RETRYABLE_STATES: Final = frozenset({Status.FAILED, Status.RETRYING})
 CANCELLABLE_STATES: Final = frozenset({Status.PENDING, Status.RETRYING})
 
@@ -360,8 +362,13 @@ def list_submissions(
     template_id: str | None,
     before_seq: int | None,
     limit: int,
-) -> list[Submission]:
-    """The user's submissions, newest first, from `before_seq` down."""
+    max_bytes: int = PAGE_BYTES,
+) -> tuple[list[Submission], bool]:
+    """A page of the user's submissions, newest first, from `before_seq` down.
+
+    The page ends at `limit` rows or once it holds `max_bytes` of stored
+    JSON, whichever comes first; the flag says whether more rows follow.
+    """
     sql = f"SELECT {SUBMISSION_COLUMNS} FROM submissions WHERE user_id = ?"  # noqa: S608
     params: list[Any] = [user_id]
     if status is not None:
@@ -374,8 +381,15 @@ def list_submissions(
         sql += " AND seq < ?"
         params.append(before_seq)
     sql += " ORDER BY seq DESC LIMIT ?"
-    params.append(limit)
-    return [_submission(row) for row in conn.execute(sql, params).fetchall()]
+    params.append(limit + 1)
+    page: list[Submission] = []
+    size = 0
+    for row in conn.execute(sql, params):
+        if len(page) == limit or (page and size > max_bytes):
+            return page, True
+        size += sum(len(blob or b"") for blob in (row[4], row[16], row[19]))
+        page.append(_submission(row))
+    return page, False
 
 
 def _attempt(row: Any) -> Attempt:

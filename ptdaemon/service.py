@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import unicodedata
@@ -386,11 +387,7 @@ class Service:
                     code="idempotency_key_mismatch",
                 )
             key = header_key
-        if json_depth(spec.data) > MAX_DATA_DEPTH:
-            raise InvalidError(
-                f"data is nested deeper than {MAX_DATA_DEPTH} levels",
-                code="too_deep",
-            )
+        check_data(spec.data)
         template = await self._template_for_submission(user, spec.form_template_id)
         missing = missing_required(spec.data, template.required_fields)
         if missing:
@@ -461,7 +458,7 @@ class Service:
         template_id: str | None = None,
         before_seq: int | None = None,
         limit: int = 100,
-    ) -> list[Submission]:
+    ) -> tuple[list[Submission], bool]:
         return await self.store.read(
             lambda c: queries.list_submissions(
                 c,
@@ -497,6 +494,34 @@ class Service:
         )
         log.info("submission cancelled", extra={"submission_id": sub.id})
         return sub
+
+
+def check_data(data: dict[str, Any]) -> None:
+    """Refuse data that JSON cannot carry as given, or that nests too deeply.
+
+    Requests over HTTP are JSON already; embedding programs hand in Python
+    values, where NaN, bytes or a non-string key would change on the way.
+    """
+    if json_depth(data) > MAX_DATA_DEPTH:
+        raise InvalidError(
+            f"data is nested deeper than {MAX_DATA_DEPTH} levels", code="too_deep"
+        )
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if not all(isinstance(key, str) for key in value):
+                raise InvalidError("data keys must be strings", code="invalid")
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidError("data holds NaN or infinity", code="invalid")
+        elif value is not None and not isinstance(value, str | int | float):
+            raise InvalidError(
+                f"data holds a {type(value).__name__}, which JSON cannot carry",
+                code="invalid",
+            )
 
 
 def _scheduled_time(text: str) -> float:

@@ -176,8 +176,7 @@ class Store:
         except BaseException:
             await self._close_connections()
             raise
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
+        await asyncio.to_thread(_make_private, self.path)
         self._task = asyncio.create_task(self._write_loop(), name="store-writer")
         log.info("store opened", extra={"path": str(self.path)})
 
@@ -289,6 +288,13 @@ class Store:
                     await conn.close()
         self._readers = []
         self._writer = None
+
+
+def _make_private(path: Path) -> None:
+    """The database and its WAL hold secrets: owner only, whatever the umask."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").chmod(0o600)
 
 
 async def _on_thread(

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,7 +193,7 @@ async def test_queries_never_cross_users(store: Store):
     )
 
     assert seen is None
-    assert listed == []
+    assert listed == ([], False)
     assert found_template is None
     with pytest.raises(NotFoundError):
         await store.write(
@@ -263,3 +264,30 @@ async def test_due_window_orders_by_due_time(store: Store):
     window = await store.read(lambda c: queries.due_window(c, 2))
 
     assert [entry[0] for entry in window] == [10.0, 20.0]
+
+
+async def test_a_page_stops_at_its_byte_budget(store: Store):
+    user, template = await seed(store)
+    for _ in range(5):
+        sub = make_submission(user, template)
+        sub.data = {"blob": "x" * 1000}
+        await insert(store, sub)
+
+    def page(before: int | None, max_bytes: int) -> Any:
+        return lambda conn: queries.list_submissions(
+            conn,
+            user.id,
+            status=None,
+            template_id=None,
+            before_seq=before,
+            limit=10,
+            max_bytes=max_bytes,
+        )
+
+    items, more = await store.read(page(None, 2500))
+    rest, more_after = await store.read(page(items[-1].seq, 10**6))
+
+    assert len(items) == 3
+    assert more is True
+    assert len(rest) == 2
+    assert more_after is False

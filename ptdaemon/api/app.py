@@ -27,6 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 SERVICE_KEY: Final = web.AppKey("service", Service)
 STATE_KEY: Final = web.AppKey("state", dict)
+LIMIT_KEY: Final = web.AppKey("max_body_bytes", int)
 USER_KEY: Final = web.RequestKey("user", User)
 STORAGE_RETRY_AFTER: Final = "5"
 
@@ -79,6 +80,11 @@ def parse_id(text: str, what: str) -> str:
 
 async def read_json(request: web.Request, *, optional: bool = False) -> Any:
     """The request's JSON body; 415 for another content type, 400 if malformed."""
+    limit = request.app[LIMIT_KEY]
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=request.content_length
+        )
     raw = await request.read()
     if not raw and optional:
         return None
@@ -223,5 +229,6 @@ def build_app(service: Service, *, max_body_bytes: int) -> web.Application:
     )
     app[SERVICE_KEY] = service
     app[STATE_KEY] = {"stopping": False}
+    app[LIMIT_KEY] = max_body_bytes
     routes.add_routes(app)
     return app

@@ -20,6 +20,7 @@ from ptdaemon.api.openapi import openapi_document
 from ptdaemon.errors import ServiceError
 from ptdaemon.models import (
     BatchIn,
+    RotateIn,
     Status,
     Template,
     attempt_view,
@@ -32,7 +33,6 @@ from ptdaemon.timeutil import format_time
 
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 100
-ROTATION_GRACE_SECONDS: Final = 86400.0
 
 
 def template_view(
@@ -151,15 +151,9 @@ async def preview_template(request: web.Request) -> web.Response:
 async def rotate_secret(request: web.Request) -> web.Response:
     template_id = parse_id(request.match_info["id"], "template")
     body = await read_json(request, optional=True)
-    grace = ROTATION_GRACE_SECONDS
-    if isinstance(body, dict) and "grace_seconds" in body:
-        grace = convert(body["grace_seconds"], float, "grace_seconds")
-        if not 0 <= grace <= 30 * 86400:
-            raise ServiceErrorResponse(
-                422, "invalid", "grace_seconds must lie in 0..2592000"
-            )
+    rotation: RotateIn = convert(body or {}, RotateIn, "rotation")
     secret = await service_of(request).rotate_secret(
-        current_user(request), template_id, grace
+        current_user(request), template_id, rotation.grace_seconds
     )
     return json_response({"signing_secret": secret})
 
@@ -200,19 +194,16 @@ async def list_submissions(request: web.Request) -> web.Response:
     template_id = query.get("form_template_id")
     limit = _limit(query.get("limit"))
     before = _decode_cursor(query.get("cursor"))
-    subs = await service_of(request).list_submissions(
+    subs, more = await service_of(request).list_submissions(
         current_user(request),
         status=status,
         template_id=template_id,
         before_seq=before,
-        limit=limit + 1,
+        limit=limit,
     )
-    next_cursor = _encode_cursor(subs[limit - 1].seq) if len(subs) > limit else None
+    next_cursor = _encode_cursor(subs[-1].seq) if more else None
     return json_response(
-        {
-            "items": [submission_view(s) for s in subs[:limit]],
-            "next_cursor": next_cursor,
-        }
+        {"items": [submission_view(s) for s in subs], "next_cursor": next_cursor}
     )
 
 
