@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id")
     listing = command("list", "list submissions, newest first")
     listing.add_argument("--status")
-    listing.add_argument("--template", help="template id")
+    listing.add_argument("--template", help="template id or name")
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--cursor")
     for name, text in (("retry", "retry a submission now"), ("cancel", "cancel one")):
@@ -112,6 +112,9 @@ def _serve(config: Config) -> int:
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
+    from ptdaemon.daemon import check_templates
+
+    check_templates(config)
     summary = {
         "config": str(config.config_path) if config.config_path else None,
         "state_dir": str(config.state_path),
@@ -245,7 +248,7 @@ async def _submit(client: Client, args: argparse.Namespace) -> None:
     }
     if args.scheduled_at:
         body["scheduled_at"] = args.scheduled_at
-    if args.idempotency_key:
+    if args.idempotency_key is not None:
         body["idempotency_key"] = args.idempotency_key
     sub = await client.call("POST", "/v1/submissions", body)
     _print_submission(sub, args.json)
@@ -278,7 +281,7 @@ async def _list(client: Client, args: argparse.Namespace) -> None:
     if args.status:
         query.append(f"status={args.status}")
     if args.template:
-        query.append(f"form_template_id={args.template}")
+        query.append(f"form_template_id={await _template_id(client, args.template)}")
     if args.cursor:
         query.append(f"cursor={args.cursor}")
     page = await client.call("GET", "/v1/submissions?" + "&".join(query))

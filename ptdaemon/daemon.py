@@ -21,7 +21,13 @@ from ptdaemon.config import Config, load_config
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
 from ptdaemon.engine import Engine, interrupted_finish
-from ptdaemon.errors import ConfigError, ListenError, LockedError, StoreError
+from ptdaemon.errors import (
+    ConfigError,
+    ListenError,
+    LockedError,
+    ServiceError,
+    StoreError,
+)
 from ptdaemon.models import (
     Method,
     Status,
@@ -32,6 +38,7 @@ from ptdaemon.models import (
 )
 from ptdaemon.service import ADMIN_NAME, Service
 from ptdaemon.store import Store
+from ptdaemon.templates import TemplateRules
 from ptdaemon.timeutil import now as wall_now
 
 log = logging.getLogger(__name__)
@@ -127,6 +134,7 @@ class Daemon:
 
     async def start(self) -> None:
         config = self.config
+        check_templates(config)
         state_dir = config.state_path
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -203,9 +211,8 @@ class Daemon:
             spec = msgspec.convert(raw, TemplateIn, strict=True)
             try:
                 await service.upsert_template(admin, spec)
-            except Exception as exc:
-                message = getattr(exc, "message", str(exc))
-                raise ConfigError(f"templates[{index}]: {message}") from exc
+            except ServiceError as exc:
+                raise ConfigError(f"templates[{index}]: {exc.message}") from exc
         log.info(
             "config templates applied", extra={"count": len(self.config.templates)}
         )
@@ -283,6 +290,22 @@ class Daemon:
         return submission_view(
             await self.service.get_submission(self.user, submission_id)
         )
+
+
+def check_templates(config: Config) -> None:
+    """Apply the save rules to the config's templates, before any state exists."""
+    rules = TemplateRules(
+        build_dispatchers(config),
+        default_timeout_seconds=config.dispatch.timeout_seconds,
+        base_dir=config.base_dir,
+    )
+    owner = User(id="", name=ADMIN_NAME, admin=True, created_at=0.0)
+    for index, raw in enumerate(config.templates):
+        spec = msgspec.convert(raw, TemplateIn, strict=True)
+        try:
+            rules.build(owner, spec, None, 0.0)
+        except ServiceError as exc:
+            raise ConfigError(f"templates[{index}]: {exc.message}") from exc
 
 
 def recover_processing(conn: Any) -> int:

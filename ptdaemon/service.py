@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import secrets
-import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Final
@@ -30,14 +29,12 @@ from ptdaemon.errors import (
     NotFoundError,
 )
 from ptdaemon.mapping import (
-    check_paths,
     form_pairs,
     json_depth,
     map_payload,
     missing_required,
 )
 from ptdaemon.models import (
-    TARGET_TYPES,
     Method,
     Status,
     Submission,
@@ -47,10 +44,11 @@ from ptdaemon.models import (
     User,
     UserIn,
 )
-from ptdaemon.redact import MASK, masked_places, unmask_target
+from ptdaemon.redact import MASK, unmask_target
 from ptdaemon.scheduler import Scheduler
-from ptdaemon.signing import generate_secret, secret_bytes
+from ptdaemon.signing import generate_secret
 from ptdaemon.store import Store
+from ptdaemon.templates import AUTO_SECRET, TemplateRules, convert
 from ptdaemon.timeutil import now as wall_now
 from ptdaemon.timeutil import parse_time
 
@@ -59,7 +57,6 @@ log = logging.getLogger(__name__)
 TOKEN_PREFIX: Final = "ptd_"  # noqa: S105 - a prefix, not a secret
 MAX_DATA_DEPTH: Final = 32
 ADMIN_NAME: Final = "admin"
-AUTO_SECRET: Final = "auto"  # noqa: S105 - asks for a generated secret
 LATEST_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
@@ -69,14 +66,6 @@ def hash_token(token: str) -> str:
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def convert(value: Any, kind: type[Any], what: str) -> Any:
-    """msgspec.convert with a 422 that names the field."""
-    try:
-        return msgspec.convert(value, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        raise InvalidError(f"{what}: {exc}", code="invalid") from exc
 
 
 class Service:
@@ -95,8 +84,11 @@ class Service:
         self.store = store
         self.scheduler = scheduler
         self.dispatchers = dispatchers
-        self.default_timeout_seconds = default_timeout_seconds
-        self.base_dir = base_dir
+        self.rules = TemplateRules(
+            dispatchers,
+            default_timeout_seconds=default_timeout_seconds,
+            base_dir=base_dir,
+        )
         self.templates_per_user = templates_per_user
 
     # -- users -------------------------------------------------------------
@@ -185,7 +177,7 @@ class Service:
                 code="limit_reached",
             )
         now = wall_now()
-        template, shown = self._build_template(user, spec, None, now)
+        template, shown = self.rules.build(user, spec, None, now)
         await self.store.write(lambda c: queries.insert_template(c, template))
         log.info("template created", extra={"template_id": template.id})
         return template, shown
@@ -201,7 +193,7 @@ class Service:
         if merged.get("signing_secret") == MASK:
             merged["signing_secret"] = old.signing_secret
         spec: TemplateIn = convert(merged, TemplateIn, "template")
-        template, shown = self._build_template(user, spec, old, wall_now())
+        template, shown = self.rules.build(user, spec, old, wall_now())
         await self.store.write(lambda c: queries.update_template(c, template))
         log.info("template updated", extra={"template_id": template.id})
         return template, shown
@@ -218,7 +210,7 @@ class Service:
         ):
             # "auto" in the config file keeps the secret made at the first start.
             spec = msgspec.structs.replace(spec, signing_secret=old.signing_secret)
-        template, _ = self._build_template(user, spec, old, wall_now())
+        template, _ = self.rules.build(user, spec, old, wall_now())
         if old is None:
             await self.store.write(lambda c: queries.insert_template(c, template))
         else:
@@ -230,58 +222,6 @@ class Service:
         fields = msgspec.to_builtins(template)
         keep = set(TemplateIn.__struct_fields__)
         return {k: v for k, v in fields.items() if k in keep}
-
-    def _build_template(
-        self, user: User, spec: TemplateIn, old: Template | None, now: float
-    ) -> tuple[Template, str | None]:
-        if spec.method is Method.CUSTOM and not user.admin:
-            raise ForbiddenError("only an admin can use CUSTOM templates")
-        target = self._check_target(spec)
-        check_paths(spec.field_map, spec.required_fields)
-        secret, shown = _signing_secret(spec.signing_secret)
-        template = Template(
-            id=old.id if old else str(uuid.uuid4()),
-            user_id=user.id,
-            name=unicodedata.normalize("NFC", spec.name),
-            method=spec.method,
-            target=target,
-            field_map=spec.field_map,
-            required_fields=spec.required_fields,
-            max_retries=spec.max_retries,
-            retry_backoff_seconds=spec.retry_backoff_seconds,
-            retry_backoff_max_seconds=spec.retry_backoff_max_seconds,
-            retry_jitter=spec.retry_jitter,
-            timeout_seconds=spec.timeout_seconds or self.default_timeout_seconds,
-            signing_secret=secret,
-            previous_secret=old.previous_secret if old else None,
-            previous_secret_until=old.previous_secret_until if old else None,
-            created_at=old.created_at if old else now,
-            updated_at=now,
-        )
-        return template, shown
-
-    def _check_target(self, spec: TemplateIn) -> dict[str, Any]:
-        unknown = masked_places(spec.target)
-        if unknown:
-            raise InvalidError(
-                f"{', '.join(unknown)}: there is no stored secret to keep",
-                code="invalid",
-            )
-        target_type = TARGET_TYPES[spec.method]
-        target = convert(spec.target, target_type, "target")
-        if spec.method is Method.FILE:
-            directory = Path(target.directory)
-            if not directory.is_absolute():
-                directory = self.base_dir / directory
-            target = msgspec.structs.replace(target, directory=str(directory))
-        dispatcher = self.dispatchers.get(spec.method)
-        if dispatcher is None:
-            raise InvalidError(
-                f"method {spec.method.value} is not available in this daemon",
-                code="unsupported_method",
-            )
-        dispatcher.check_target(target)
-        return msgspec.to_builtins(target)  # type: ignore[no-any-return]
 
     async def get_template(self, user: User, template_id: str) -> Template:
         found = await self.store.read(
@@ -541,19 +481,6 @@ def _scheduled_time(text: str) -> float:
 def _require_admin(user: User) -> None:
     if not user.admin:
         raise ForbiddenError("only an admin can manage users")
-
-
-def _signing_secret(value: str | None) -> tuple[str | None, str | None]:
-    """The secret to store, and the one to show once (a generated one)."""
-    if value is None or value == "":
-        return None, None
-    if value == MASK:
-        raise InvalidError("signing_secret: there is no stored secret to keep")
-    if value == AUTO_SECRET:
-        secret = generate_secret()
-        return secret, secret
-    secret_bytes(value)
-    return value, None
 
 
 def _check_encodable(template: Template, payload: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from ptdaemon.models import (
     user_view,
 )
 from ptdaemon.redact import MASK, mask_target
-from ptdaemon.service import convert
+from ptdaemon.templates import convert
 from ptdaemon.timeutil import format_time
 
 MAX_LIMIT: Final = 500
