@@ -197,11 +197,15 @@ class Engine:
 
     async def _destination_of(self, submission_id: str) -> tuple[str, str] | None:
         """The destination key and template id of a queued submission."""
-        template = await self._store.read(
+        found = await self._store.read(
             lambda conn: _queued_template(conn, submission_id)
         )
-        if template is None:
+        if found is None:
             return None
+        template_id, template = found
+        if template is None:
+            # The attempt fails and records why; any key will do.
+            return "missing-template", template_id
         dispatcher = self._dispatchers.get(template.method)
         key = f"method:{template.method}"
         if dispatcher is not None:
@@ -312,7 +316,10 @@ class Engine:
             self._on_finish(sub, finish.attempt, status)
 
 
-def _queued_template(conn: sqlite3.Connection, submission_id: str) -> Template | None:
+def _queued_template(
+    conn: sqlite3.Connection, submission_id: str
+) -> tuple[str, Template | None] | None:
+    """The template id and template of a queued submission; None if not queued."""
     row = conn.execute(
         "SELECT form_template_id FROM submissions WHERE id = ?"
         " AND status IN ('pending', 'retrying')",
@@ -320,11 +327,7 @@ def _queued_template(conn: sqlite3.Connection, submission_id: str) -> Template |
     ).fetchone()
     if row is None:
         return None
-    template = queries.get_template(conn, row[0], None)
-    if template is None:
-        # The attempt itself records why; any key will do.
-        return None
-    return template
+    return row[0], queries.get_template(conn, row[0], None)
 
 
 def build_finish(

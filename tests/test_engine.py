@@ -260,3 +260,18 @@ async def test_a_dead_destination_with_a_backlog_past_the_window(rig: Rig):
         await rig.wait_status(sub_id, Status.COMPLETED)
     assert sorted(rig.dispatcher.delivered) == sorted(dead + fast)
     assert engine._parked == set()
+
+
+async def test_a_submission_whose_template_is_gone_fails_as_validation(rig: Rig):
+    sub_id = await rig.submit("a")
+    template = rig.templates["a"]
+    await rig.store.write(
+        lambda c: c.execute("DELETE FROM templates WHERE id = ?", (template.id,))
+    )
+    await rig.start()
+
+    await rig.wait_status(sub_id, Status.FAILED)
+
+    [attempt] = await rig.attempts(sub_id)
+    assert attempt.error_category is ErrorCategory.VALIDATION
+    assert "template" in attempt.error_message
