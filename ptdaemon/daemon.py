@@ -312,7 +312,7 @@ def recover_processing(conn: Any) -> int:
     """Record the attempts a crash cut short (one transaction, at start)."""
     rows: list[Submission] = queries.processing_rows(conn)
     for sub in rows:
-        number = queries.attempt_count(conn, sub.id) + 1
+        number = sub.attempt_count + 1
         started = sub.processing_started_at or wall_now()
         finish = interrupted_finish(sub, number, started, None)
         queries.finish_attempt(conn, finish)

@@ -161,6 +161,7 @@ class Submission(Struct, kw_only=True):
     data: dict[str, Any]
     status: Status
     retry_count: int = 0
+    attempt_count: int = 0
     max_retries: int
     retry_backoff_seconds: float
     retry_backoff_max_seconds: float

@@ -247,6 +247,7 @@ def _submission(row: Any) -> Submission:
         data=decode_json(row[4]),
         status=Status(row[5]),
         retry_count=row[6],
+        attempt_count=row[7],
         max_retries=row[8],
         retry_backoff_seconds=row[9],
         retry_backoff_max_seconds=row[10],
@@ -511,10 +512,7 @@ def claim(conn: sqlite3.Connection, submission_id: str, now: float) -> Claim | N
     sub = _select_submission(conn, submission_id)
     assert sub is not None
     template = get_template(conn, sub.form_template_id, None)
-    attempts = conn.execute(
-        "SELECT attempt_count FROM submissions WHERE id = ?", (submission_id,)
-    ).fetchone()[0]
-    return Claim(sub, template, int(attempts) + 1)
+    return Claim(sub, template, sub.attempt_count + 1)
 
 
 class Finish(msgspec.Struct, kw_only=True):
@@ -599,13 +597,6 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
         " WHERE status = 'processing'"
     ).fetchall()
     return [_submission(row) for row in rows]
-
-
-def attempt_count(conn: sqlite3.Connection, submission_id: str) -> int:
-    row = conn.execute(
-        "SELECT attempt_count FROM submissions WHERE id = ?", (submission_id,)
-    ).fetchone()
-    return 0 if row is None else int(row[0])
 
 
 def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
