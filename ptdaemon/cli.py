@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -234,8 +235,9 @@ def _read_data(text: str) -> Any:
 
 async def _template_id(client: Client, name_or_id: str) -> str:
     templates = (await client.call("GET", "/v1/templates"))["items"]
+    wanted = unicodedata.normalize("NFC", name_or_id)
     for template in templates:
-        if name_or_id in (template["id"], template["name"]):
+        if wanted in (template["id"], template["name"]):
             return str(template["id"])
     raise CliError(f"no template named {name_or_id!r}", 2)
 

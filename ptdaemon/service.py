@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import secrets
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Final
@@ -190,7 +191,7 @@ class Service:
         old = await self.get_template(user, template_id)
         merged = merge_patch(self.template_input(old), patch)
         merged["target"] = unmask_target(merged.get("target"), old.target)
-        if merged.get("signing_secret") == MASK:
+        if merged.get("signing_secret") == MASK and old.signing_secret:
             merged["signing_secret"] = old.signing_secret
         spec: TemplateIn = convert(merged, TemplateIn, "template")
         template, shown = self.rules.build(user, spec, old, wall_now())
@@ -200,8 +201,9 @@ class Service:
 
     async def upsert_template(self, user: User, spec: TemplateIn) -> Template:
         """Create or overwrite a template by name (the config file's templates)."""
+        name = unicodedata.normalize("NFC", spec.name)
         old = await self.store.read(
-            lambda c: queries.template_by_name(c, user.id, spec.name)
+            lambda c: queries.template_by_name(c, user.id, name)
         )
         if (
             spec.signing_secret == AUTO_SECRET

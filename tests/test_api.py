@@ -328,9 +328,7 @@ async def test_secrets_never_reach_logs_or_answers(
             if sub["status"] == "failed":
                 break
             await asyncio.sleep(0.02)
-        _, attempts = await client.call(
-            "GET", f"/v1/submissions/{sub['id']}/attempts"
-        )
+        _, attempts = await client.call("GET", f"/v1/submissions/{sub['id']}/attempts")
     finally:
         await runner.cleanup()
 

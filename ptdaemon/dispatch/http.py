@@ -103,6 +103,9 @@ class HttpDispatcher:
             headers = {**target.headers, **_auth_headers(target.auth)}
             for name, value in headers.items():
                 check_header(name, value)
+            if isinstance(target.auth, BasicAuth):
+                pair = target.auth.username + target.auth.password
+                check_header("Authorization", pair)
 
     def destination_key(self, template: Template) -> str:
         url = URL(str(template.target["url"]))

@@ -35,6 +35,10 @@ class Reply:
     body: bytes | str = b'{"ok": true}'
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # With `drip` > 0: send the status and headers at once, then `count` bytes
+    # of the body (taken from `body`, padded with spaces), one per `drip` s.
+    drip: float = 0.0
+    count: int = 0
 
 
 @dataclass
@@ -96,7 +100,25 @@ class Sink:
             # waits for a reply that nobody reads any more.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), reply.delay)
+        if reply.drip:
+            return await self._drip(request, reply)
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+    async def _drip(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        """Headers now, then the body byte by byte; ends early when the sink stops."""
+        body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        payload = body.ljust(reply.count)[: reply.count]
+        response = web.StreamResponse(status=reply.status, headers=reply.headers)
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            for index in range(len(payload)):
+                await response.write(payload[index : index + 1])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), reply.drip)
+                if self._stopping.is_set():
+                    break
+            await response.write_eof()
+        return response
 
     async def start(self) -> None:
         app = web.Application()
