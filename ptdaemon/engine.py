@@ -1,8 +1,8 @@
 """Claims due submissions, delivers them under concurrency limits, records the result.
 
-Each attempt: read the destination, wait for a place under the
-per-destination limit (without holding a global place), claim the row
-durably as `processing`, map the payload, dispatch under the template's
+Each due entry: read its destination; when that destination is at its
+limit, queue behind it without holding a global place; otherwise claim the
+row durably as `processing`, map the payload, dispatch under the template's
 timeout, then record the attempt and the new state in one write.
 """
 
@@ -68,7 +68,6 @@ class Engine:
         per_destination: int,
         window: int = 10000,
         clock: Callable[[], float] = wall_now,
-        on_finish: Callable[[Submission, Attempt, Status], None] | None = None,
     ) -> None:
         self._store = store
         self.scheduler = Scheduler(self.load_window, window=window, clock=clock)
@@ -80,7 +79,6 @@ class Engine:
         self._parked: set[str] = set()
         self._stopping = False
         self._clock = clock
-        self._on_finish = on_finish
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -312,8 +310,6 @@ class Engine:
         if status is Status.RETRYING and finish.next_retry_at is not None:
             self.scheduler.push(finish.next_retry_at, sub.seq, sub.id)
         _log_attempt(sub, finish.attempt, status)
-        if self._on_finish is not None:
-            self._on_finish(sub, finish.attempt, status)
 
 
 def _queued_template(
