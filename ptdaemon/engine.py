@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from ptdaemon import queries, retry
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
-from ptdaemon.errors import DeliveryError
+from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
 from ptdaemon.models import (
     Attempt,
@@ -38,6 +38,9 @@ from ptdaemon.timeutil import now as wall_now
 log = logging.getLogger(__name__)
 
 TIMEOUT_GRACE_SECONDS: Final = 1.0
+# How long to wait before using the store again after a full disk or a busy
+# database.
+STORAGE_RETRY_SECONDS: Final = 1.0
 INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
 
 
@@ -143,7 +146,11 @@ class Engine:
         try:
             if entry[2] in self._parked:
                 return  # a reload brought back an entry already queued here
-            found = await self._destination_of(entry[2])
+            try:
+                found = await self._destination_of(entry[2])
+            except StoreError:
+                self._try_later(entry)
+                return
             if found is None:
                 return
             key, template_id = found
@@ -154,24 +161,29 @@ class Engine:
                 return
             destination.active += 1
             try:
-                await self._run_for(destination, entry[2])
+                await self._run_for(destination, entry)
             finally:
                 self._release_destination(destination, key)
         finally:
             self._slots.release()
 
-    async def _run_for(self, destination: _Destination, submission_id: str) -> None:
+    async def _run_for(self, destination: _Destination, entry: Entry) -> None:
         # The place this attempt holds passes to the next entry queued for the
         # same destination, so a queue never waits for a place that nobody frees.
         while True:
             try:
-                await self._claim_and_deliver(submission_id)
+                await self._claim_and_deliver(entry)
             except Exception:
-                log.exception("attempt crashed", extra={"submission_id": submission_id})
+                log.exception("attempt crashed", extra={"submission_id": entry[2]})
             if not destination.waiting or self._stopping:
                 return
-            submission_id = destination.waiting.popleft()[2]
-            self._parked.discard(submission_id)
+            entry = destination.waiting.popleft()
+            self._parked.discard(entry[2])
+
+    def _try_later(self, entry: Entry) -> None:
+        """Put an entry back for a while: the store cannot be used just now."""
+        log.warning("storage unavailable, attempt postponed", extra={"id": entry[2]})
+        self.scheduler.push(self._clock() + STORAGE_RETRY_SECONDS, *entry[1:])
 
     def _park(self, destination: _Destination, entry: Entry) -> None:
         if len(destination.waiting) < self._waiting_cap:
@@ -212,11 +224,16 @@ class Engine:
 
         return key, template.id
 
-    async def _claim_and_deliver(self, submission_id: str) -> None:
+    async def _claim_and_deliver(self, entry: Entry) -> None:
+        submission_id = entry[2]
         started_at = self._clock()
-        claim = await self._store.write(
-            lambda conn: queries.claim(conn, submission_id, started_at)
-        )
+        try:
+            claim = await self._store.write(
+                lambda conn: queries.claim(conn, submission_id, started_at)
+            )
+        except StorageUnavailableError:
+            self._try_later(entry)
+            return
         if claim is None:
             return
         sub = claim.submission
@@ -295,6 +312,23 @@ class Engine:
 
     # -- recording ---------------------------------------------------------
 
+    async def _record(self, finish: queries.Finish) -> Status | None:
+        """Write an attempt's end; wait out a full disk unless shutting down."""
+        sub_id = finish.attempt.submission_id
+        while True:
+            try:
+                return await self._store.write(
+                    lambda conn: queries.finish_attempt(conn, finish)
+                )
+            except StorageUnavailableError:
+                if self._stopping:
+                    # The row stays `processing`; the next start records the
+                    # attempt as interrupted.
+                    log.warning("attempt not recorded", extra={"id": sub_id})
+                    return None
+                log.warning("storage unavailable, record waits", extra={"id": sub_id})
+                await asyncio.sleep(STORAGE_RETRY_SECONDS)
+
     async def _finish(
         self,
         sub: Submission,
@@ -304,9 +338,9 @@ class Engine:
     ) -> None:
         ended_at = self._clock()
         finish = build_finish(sub, number, started_at, ended_at, result)
-        status = await self._store.write(
-            lambda conn: queries.finish_attempt(conn, finish)
-        )
+        status = await self._record(finish)
+        if status is None:
+            return
         if status is Status.RETRYING and finish.next_retry_at is not None:
             self.scheduler.push(finish.next_retry_at, sub.seq, sub.id)
         _log_attempt(sub, finish.attempt, status)

@@ -275,3 +275,35 @@ async def test_a_submission_whose_template_is_gone_fails_as_validation(rig: Rig)
     [attempt] = await rig.attempts(sub_id)
     assert attempt.error_category is ErrorCategory.VALIDATION
     assert "template" in attempt.error_message
+
+
+async def test_a_full_disk_postpones_claims_and_records_without_losing_any(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    from ptdaemon import engine as engine_module
+    from ptdaemon.errors import StorageUnavailableError
+
+    monkeypatch.setattr(engine_module, "STORAGE_RETRY_SECONDS", 0.05)
+    real_write = rig.store.write
+    failures = {"left": 0}
+
+    async def flaky_write(fn: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise StorageUnavailableError("storage unavailable: disk is full")
+        return await real_write(fn)
+
+    monkeypatch.setattr(rig.store, "write", flaky_write)
+    rig.dispatcher.gates["a"] = asyncio.Event()
+    first = await rig.submit("a")
+    failures["left"] = 3
+    await rig.start()
+    await rig.wait_status(first, Status.PROCESSING)
+
+    failures["left"] = 3
+    rig.dispatcher.gates["a"].set()
+    await rig.wait_status(first, Status.COMPLETED)
+
+    assert failures["left"] == 0
+    assert rig.dispatcher.delivered == [first]
+    assert len(await rig.attempts(first)) == 1
