@@ -528,3 +528,44 @@ class TestMisc:
 
     async def test_close_does_nothing(self, dispatcher: FileDispatcher) -> None:
         await dispatcher.close()
+
+
+async def test_a_failed_append_leaves_no_partial_line(
+    dispatcher: FileDispatcher, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ptdaemon.dispatch import file as file_module
+
+    target = {"directory": str(root), "filename": "log.ndjson", "format": "ndjson"}
+    target["append"] = True
+    template = _template(target)
+    first = Delivery(
+        submission_id="a",
+        attempt=1,
+        template=template,
+        payload={"n": 1},
+        started_at=STARTED_AT,
+    )
+    await dispatcher.deliver(first)
+    real_write = os.write
+
+    def half_then_full(fd: int, data: Any) -> int:
+        written = real_write(fd, bytes(data[: len(data) // 2]))
+        monkeypatch.setattr(file_module.os, "write", _raise_enospc)
+        return written
+
+    def _raise_enospc(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_module.os, "write", half_then_full)
+    second = Delivery(
+        submission_id="b",
+        attempt=1,
+        template=template,
+        payload={"n": 2, "pad": "x" * 100},
+        started_at=STARTED_AT,
+    )
+    with pytest.raises(DeliveryError) as failed:
+        await dispatcher.deliver(second)
+
+    assert failed.value.category is ErrorCategory.SYSTEM
+    assert (root / "log.ndjson").read_text() == '{"n":1}\n'

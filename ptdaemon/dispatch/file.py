@@ -157,8 +157,15 @@ def _append_line(
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise _ConfinementError(f"{name!r} is not a regular file")
-            _write_all(fd, first if info.st_size == 0 else later)
-            os.fsync(fd)
+            try:
+                _write_all(fd, first if info.st_size == 0 else later)
+                os.fsync(fd)
+            except OSError:
+                # A write cut short (a full disk) must not leave half a line
+                # for the next append to run on from.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, info.st_size)
+                raise
             if info.st_size == 0:
                 # The file may be new: its directory entry must be durable too.
                 os.fsync(dir_fd)
