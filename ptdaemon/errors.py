@@ -76,6 +76,11 @@ class BadRequestError(ServiceError):
     code = "bad_request"
 
 
+class UnauthorizedError(ServiceError):
+    http_status = 401
+    code = "unauthorized"
+
+
 class ForbiddenError(ServiceError):
     http_status = 403
     code = "forbidden"

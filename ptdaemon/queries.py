@@ -13,7 +13,13 @@ from typing import Any, Final
 
 import msgspec
 
-from ptdaemon.errors import ConflictError, NotFoundError
+from ptdaemon.errors import (
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    ServiceError,
+    UnauthorizedError,
+)
 from ptdaemon.models import (
     Attempt,
     ErrorCategory,
@@ -133,7 +139,12 @@ def is_user_live(conn: sqlite3.Connection, user_id: str) -> bool:
 # -- templates ---------------------------------------------------------------
 
 
-def insert_template(conn: sqlite3.Connection, template: Template) -> Template:
+def insert_template(
+    conn: sqlite3.Connection, template: Template, limit: int | None = None
+) -> Template:
+    """Add a template; refuse it past `limit` templates for its user."""
+    if limit is not None and count_templates(conn, template.user_id) >= limit:
+        raise ConflictError(f"at most {limit} templates per user", code="limit_reached")
     try:
         conn.execute(
             "INSERT INTO templates (id, user_id, name, body, created_at,"
@@ -291,15 +302,32 @@ class NewSubmission(msgspec.Struct):
 
 def insert_submissions(
     conn: sqlite3.Connection, items: list[NewSubmission]
-) -> list[tuple[Submission, bool] | ConflictError]:
+) -> list[tuple[Submission, bool] | ServiceError]:
     """Insert new rows; an idempotency key seen before returns its original.
 
-    Each result is (submission, created) or a ConflictError for a key reused
-    with another body. Rows that are not created change nothing.
+    Each result is (submission, created), or the error of that item: a key
+    reused with another body, or a template deleted since the request was
+    checked. A user revoked meanwhile fails the whole call.
     """
-    results: list[tuple[Submission, bool] | ConflictError] = []
+    results: list[tuple[Submission, bool] | ServiceError] = []
+    live_templates: dict[str, bool] = {}
     for item in items:
         sub = item.submission
+        if not is_user_live(conn, sub.user_id):
+            raise UnauthorizedError("the token was revoked")
+        template_id = sub.form_template_id
+        if template_id not in live_templates:
+            live_templates[template_id] = (
+                get_template(conn, template_id, sub.user_id) is not None
+            )
+        if not live_templates[template_id]:
+            results.append(
+                InvalidError(
+                    "form_template_id names no template of yours",
+                    code="unknown_template",
+                )
+            )
+            continue
         if sub.idempotency_key is not None:
             found = _by_idempotency_key(conn, sub.user_id, sub.idempotency_key)
             if found is not None:

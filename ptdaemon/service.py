@@ -28,6 +28,7 @@ from ptdaemon.errors import (
     ForbiddenError,
     InvalidError,
     NotFoundError,
+    ServiceError,
 )
 from ptdaemon.mapping import (
     form_pairs,
@@ -171,15 +172,10 @@ class Service:
         self, user: User, body: Any
     ) -> tuple[Template, str | None]:
         spec: TemplateIn = convert(body, TemplateIn, "template")
-        count = await self.store.read(lambda c: queries.count_templates(c, user.id))
-        if count >= self.templates_per_user:
-            raise ConflictError(
-                f"at most {self.templates_per_user} templates per user",
-                code="limit_reached",
-            )
         now = wall_now()
         template, shown = self.rules.build(user, spec, None, now)
-        await self.store.write(lambda c: queries.insert_template(c, template))
+        limit = self.templates_per_user
+        await self.store.write(lambda c: queries.insert_template(c, template, limit))
         log.info("template created", extra={"template_id": template.id})
         return template, shown
 
@@ -282,13 +278,13 @@ class Service:
     ) -> tuple[Submission, bool]:
         item = await self._new_submission(user, body, header_key)
         [result] = await self._insert([item])
-        if isinstance(result, ConflictError):
+        if isinstance(result, ServiceError):
             raise result
         return result
 
     async def create_batch(
         self, user: User, bodies: list[Any]
-    ) -> list[tuple[Submission, bool] | InvalidError | ConflictError]:
+    ) -> list[tuple[Submission, bool] | ServiceError]:
         """Validate each item alone; insert the valid ones in one transaction."""
         results: list[Any] = []
         valid: list[tuple[int, queries.NewSubmission]] = []
@@ -308,7 +304,7 @@ class Service:
 
     async def _insert(
         self, items: list[queries.NewSubmission]
-    ) -> list[tuple[Submission, bool] | ConflictError]:
+    ) -> list[tuple[Submission, bool] | ServiceError]:
         results = await self.store.write(lambda c: queries.insert_submissions(c, items))
         for result in results:
             if isinstance(result, tuple) and result[1]:

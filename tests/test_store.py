@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ptdaemon import queries
-from ptdaemon.errors import ConflictError, NotFoundError, StoreError
+from ptdaemon.errors import ConflictError, InvalidError, NotFoundError, StoreError
 from ptdaemon.models import Method, Status, Submission, Template, User
 from ptdaemon.store import MIGRATIONS, Store
 
@@ -291,3 +291,39 @@ async def test_a_page_stops_at_its_byte_budget(store: Store):
     assert more is True
     assert len(rest) == 2
     assert more_after is False
+
+
+async def test_creates_committed_after_a_revocation_are_refused(store: Store):
+    from ptdaemon.errors import UnauthorizedError
+
+    user, template = await seed(store)
+    sub = make_submission(user, template)
+    await store.write(lambda c: queries.delete_user(c, user.id, 5.0))
+
+    with pytest.raises(UnauthorizedError):
+        await insert(store, sub)
+
+
+async def test_creates_committed_after_their_template_is_deleted_fail(store: Store):
+    user, template = await seed(store)
+    await store.write(lambda c: queries.delete_template(c, template.id, user.id))
+    sub = make_submission(user, template)
+
+    [result] = await store.write(
+        lambda c: queries.insert_submissions(c, [queries.NewSubmission(sub, None)])
+    )
+
+    assert isinstance(result, InvalidError)
+    assert result.code == "unknown_template"
+
+
+async def test_the_template_limit_holds_inside_the_transaction(store: Store):
+    user, _ = await seed(store)
+    extra = [make_template(user, name=f"t{n}") for n in range(3)]
+
+    results = await asyncio.gather(
+        *(store.write(lambda c, t=t: queries.insert_template(c, t, 2)) for t in extra),
+        return_exceptions=True,
+    )
+
+    assert sum(isinstance(r, ConflictError) for r in results) == 2
