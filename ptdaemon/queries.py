@@ -48,6 +48,11 @@ RETRYABLE_STATES: Final = frozenset({Status.FAILED, Status.RETRYING})
 CANCELLABLE_STATES: Final = frozenset({Status.PENDING, Status.RETRYING})
 
 
+def write_probe(conn: sqlite3.Connection, now: float) -> None:
+    """A real write: it fails when the disk is full or the database locked."""
+    conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (now,))
+
+
 # -- users -------------------------------------------------------------------
 
 

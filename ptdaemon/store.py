@@ -106,6 +106,10 @@ MIGRATIONS: Final[list[str]] = [
     CREATE INDEX attempts_submission ON attempts(submission_id, number);
     CREATE INDEX attempts_started ON attempts(started_at);
     """,
+    # 2: one row that readiness probes write, to prove the disk takes writes.
+    """
+    CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+    """,
 ]
 
 

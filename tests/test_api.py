@@ -338,3 +338,47 @@ async def test_secrets_never_reach_logs_or_answers(
     for secret in ("key-123", "tok-456", template["signing_secret"], client.token):
         assert secret not in caplog.text
         assert secret not in answers
+
+
+async def test_readyz_proves_the_database_takes_writes(client: Client, tmp_path: Path):
+    status, body = await client.call("GET", "/readyz", token="none")
+
+    db = tmp_path / "state" / "ptdaemon.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id FROM probe").fetchall()
+    assert status == 200
+    assert body == {"status": "ready"}
+    assert rows == [(1,)]
+
+
+async def test_readyz_is_503_while_the_database_is_locked(tmp_path: Path):
+    import ptdaemon.store as store_module
+
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        '[daemon]\nstate_dir = "state"\n[api]\nlisten = "127.0.0.1:0"\n'
+    )
+    original = store_module.BUSY_TIMEOUT_MS
+    store_module.BUSY_TIMEOUT_MS = 200
+    try:
+        async with (
+            Daemon(load_config(config_path), api=True) as daemon,
+            aiohttp.ClientSession() as session,
+        ):
+            url = f"http://{daemon.listen_address}/readyz"
+            blocker = sqlite3.connect(tmp_path / "state" / "ptdaemon.db")
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                async with session.get(url) as reply:
+                    locked = reply.status, await reply.json()
+            finally:
+                blocker.rollback()
+                blocker.close()
+            async with session.get(url) as reply:
+                freed = reply.status
+    finally:
+        store_module.BUSY_TIMEOUT_MS = original
+
+    assert locked[0] == 503
+    assert locked[1]["error"]["code"] == "storage_unavailable"
+    assert freed == 200

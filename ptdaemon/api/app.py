@@ -188,18 +188,23 @@ def _log_access(
     )
 
 
+def shutting_down() -> web.Response:
+    return error_response(
+        503,
+        "shutting_down",
+        "the daemon is shutting down",
+        headers={"Retry-After": STORAGE_RETRY_AFTER},
+    )
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
-    if state.get("stopping"):
-        return error_response(
-            503,
-            "shutting_down",
-            "the daemon is shutting down",
-            headers={"Retry-After": "5"},
-        )
+    # Health and the API document stay open while draining; readyz itself
+    # answers 503 then.
     if request.path in OPEN_PATHS or request.path.startswith("/ui"):
         return await handler(request)
+    if request.app[STATE_KEY]["stopping"]:
+        return shutting_down()
     token = _bearer(request.headers.get("Authorization", ""))
     user = await service_of(request).authenticate(token) if token else None
     if user is None:

@@ -8,13 +8,16 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ptdaemon import queries
 from ptdaemon.api.app import (
+    STATE_KEY,
     ServiceErrorResponse,
     current_user,
     json_response,
     parse_id,
     read_json,
     service_of,
+    shutting_down,
 )
 from ptdaemon.api.openapi import openapi_document
 from ptdaemon.errors import ServiceError
@@ -30,6 +33,7 @@ from ptdaemon.models import (
 from ptdaemon.redact import MASK, mask_target
 from ptdaemon.templates import convert
 from ptdaemon.timeutil import format_time
+from ptdaemon.timeutil import now as wall_now
 
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 100
@@ -65,8 +69,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE_KEY]["stopping"]:
+        return shutting_down()
     store = service_of(request).store
-    await store.write(lambda conn: conn.execute("SELECT 1").fetchone())
+    await store.write(lambda conn: queries.write_probe(conn, wall_now()))
     return json_response({"status": "ready"})
 
 

@@ -212,6 +212,8 @@ async def test_during_the_sigterm_drain_new_calls_get_503(sink: Sink, start_daem
         assert time.monotonic() < deadline, process.log()
         await asyncio.sleep(0.02)
     answer = await api.send("GET", f"/v1/submissions/{sub['id']}")
+    health = await api.send("GET", "/healthz")
+    ready = await api.send("GET", "/readyz")
     code = await process.terminate()
     [(status,)] = db_rows(
         process, "SELECT status FROM submissions WHERE id = ?", sub["id"]
@@ -223,6 +225,8 @@ async def test_during_the_sigterm_drain_new_calls_get_503(sink: Sink, start_daem
     assert set(error) == {"code", "message", "details"}
     assert error["message"]
     assert answer.headers["Retry-After"].isdigit()
+    assert health.status == 200
+    assert ready.status == 503
     assert code == 0
     assert status == "completed"
 
