@@ -161,24 +161,42 @@ class Engine:
                 return
             destination.active += 1
             try:
-                await self._run_for(destination, entry)
+                await self._run_for(destination, key, entry)
             finally:
                 self._release_destination(destination, key)
         finally:
             self._slots.release()
 
-    async def _run_for(self, destination: _Destination, entry: Entry) -> None:
+    async def _run_for(
+        self, destination: _Destination, key: str, entry: Entry | None
+    ) -> None:
         # The place this attempt holds passes to the next entry queued for the
         # same destination, so a queue never waits for a place that nobody frees.
         while True:
-            try:
-                await self._claim_and_deliver(entry)
-            except Exception:
-                log.exception("attempt crashed", extra={"submission_id": entry[2]})
+            if entry is not None:
+                try:
+                    await self._claim_and_deliver(entry)
+                except Exception:
+                    log.exception("attempt crashed", extra={"id": entry[2]})
             if not destination.waiting or self._stopping:
                 return
-            entry = destination.waiting.popleft()
-            self._parked.discard(entry[2])
+            entry = await self._next_waiting(destination, key)
+
+    async def _next_waiting(self, destination: _Destination, key: str) -> Entry | None:
+        """The next queued entry, unless its template now points elsewhere."""
+        entry = destination.waiting.popleft()
+        self._parked.discard(entry[2])
+        try:
+            found = await self._destination_of(entry[2])
+        except StoreError:
+            self._try_later(entry)
+            return None
+        if found is None:
+            return None
+        if found[0] != key:
+            self.scheduler.push(*entry)
+            return None
+        return entry
 
     def _try_later(self, entry: Entry) -> None:
         """Put an entry back for a while: the store cannot be used just now."""

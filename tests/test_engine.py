@@ -307,3 +307,31 @@ async def test_a_full_disk_postpones_claims_and_records_without_losing_any(
     assert failures["left"] == 0
     assert rig.dispatcher.delivered == [first]
     assert len(await rig.attempts(first)) == 1
+
+
+async def test_queued_entries_follow_a_template_that_moved(rig: Rig):
+    rig.dispatcher.gates["a"] = asyncio.Event()
+    rig.dispatcher.gates["b"] = asyncio.Event()
+    await rig.start(concurrency=10, per_destination=2)
+    subs = [await rig.submit("a") for _ in range(6)]
+    async with asyncio.timeout(5):
+        while rig.dispatcher.running.get("a", 0) < 2:
+            await asyncio.sleep(0.01)
+
+    moved = rig.templates["a"]
+    moved.target = {"url": "b"}
+    await rig.store.write(lambda c: queries.update_template(c, moved))
+    subs += [await rig.submit("b") for _ in range(2)]
+    async with asyncio.timeout(5):
+        while rig.dispatcher.running.get("b", 0) < 2:
+            await asyncio.sleep(0.01)
+    rig.dispatcher.gates["a"].set()
+    async with asyncio.timeout(5):
+        while rig.dispatcher.running.get("b", 0) < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    rig.dispatcher.gates["b"].set()
+    for sub_id in subs:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+
+    assert rig.dispatcher.peak["b"] == 2
