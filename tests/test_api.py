@@ -7,34 +7,13 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from ptdaemon.config import load_config
 from ptdaemon.daemon import Daemon
-
-
-class Client:
-    def __init__(self, base: str, token: str, session: aiohttp.ClientSession) -> None:
-        self.base = base
-        self.token = token
-        self.session = session
-
-    async def call(
-        self, method: str, path: str, body: Any = None, *, token: str | None = None
-    ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token or self.token}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body)
-            headers["Content-Type"] = "application/json"
-        async with self.session.request(
-            method, self.base + path, data=data, headers=headers
-        ) as reply:
-            raw = await reply.read()
-            return reply.status, json.loads(raw) if raw else None
+from tests.inprocess import Client, running
 
 
 @pytest.fixture
@@ -44,12 +23,8 @@ async def client(tmp_path: Path) -> AsyncIterator[Client]:
         '[daemon]\nstate_dir = "state"\n[api]\nlisten = "127.0.0.1:0"\n'
         '[dispatch]\nfile_roots = ["drop"]\n[limits]\ntemplates_per_user = 3\n'
     )
-    async with (
-        Daemon(load_config(config_path), api=True) as daemon,
-        aiohttp.ClientSession() as session,
-    ):
-        token = (tmp_path / "state" / "admin.token").read_text().strip()
-        yield Client(f"http://{daemon.listen_address}", token, session)
+    async with running(config_path) as api:
+        yield api
 
 
 API_TEMPLATE = {
