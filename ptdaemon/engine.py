@@ -225,8 +225,9 @@ class Engine:
 
     async def _destination_of(self, submission_id: str) -> tuple[str, str] | None:
         """The destination key and template id of a queued submission."""
+        # Ordered: due entries reach their claims in the order they were popped.
         found = await self._store.read(
-            lambda conn: _queued_template(conn, submission_id)
+            lambda conn: _queued_template(conn, submission_id), ordered=True
         )
         if found is None:
             return None

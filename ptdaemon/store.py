@@ -255,12 +255,21 @@ class Store:
 
     # -- reading -----------------------------------------------------------
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` on the reader connection's thread, outside any write."""
+    async def read(
+        self, fn: Callable[[sqlite3.Connection], T], *, ordered: bool = False
+    ) -> T:
+        """Run `fn` on a reader connection's thread, outside any write.
+
+        Reads are spread over the readers; `ordered` ones all go to the first,
+        so they finish in the order they were asked for.
+        """
         if not self._readers:
             raise StorageUnavailableError("the store is closed")
-        self._next_reader = (self._next_reader + 1) % len(self._readers)
-        reader = self._readers[self._next_reader]
+        if ordered:
+            reader = self._readers[0]
+        else:
+            self._next_reader = (self._next_reader + 1) % len(self._readers)
+            reader = self._readers[self._next_reader]
         try:
             result: T = await _on_thread(reader, fn, reader._conn)
         except sqlite3.Error as exc:

@@ -335,3 +335,29 @@ async def test_queued_entries_follow_a_template_that_moved(rig: Rig):
         await rig.wait_status(sub_id, Status.COMPLETED)
 
     assert rig.dispatcher.peak["b"] == 2
+
+
+async def test_overdue_entries_start_in_due_order(rig: Rig):
+    started: list[str] = []
+    original = rig.dispatcher.deliver
+
+    async def record(delivery: Delivery) -> Result:
+        started.append(delivery.submission_id)
+        return await original(delivery)
+
+    rig.dispatcher.deliver = record  # type: ignore[method-assign]
+    ids = []
+    for n in range(150):
+        sub_id = await rig.submit("a")
+        await rig.store.write(
+            lambda c, s=sub_id, d=float(n): c.execute(
+                "UPDATE submissions SET next_retry_at = ? WHERE id = ?", (d, s)
+            )
+        )
+        ids.append(sub_id)
+    await rig.start(concurrency=50, per_destination=20)
+
+    for sub_id in ids:
+        await rig.wait_status(sub_id, Status.COMPLETED)
+
+    assert started == ids
