@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct, field
 
 from ptdaemon.timeutil import format_time
@@ -18,12 +17,6 @@ class Status(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-UNFINISHED: frozenset[Status] = frozenset(
-    {Status.PENDING, Status.PROCESSING, Status.RETRYING}
-)
-QUEUED: frozenset[Status] = frozenset({Status.PENDING, Status.RETRYING})
 
 
 class ErrorCategory(enum.StrEnum):
@@ -273,7 +266,3 @@ def user_view(user: User, token: str | None = None) -> dict[str, Any]:
     if token is not None:
         view["token"] = token
     return view
-
-
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)

@@ -630,12 +630,3 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
         " WHERE status = 'processing'"
     ).fetchall()
     return [_submission(row) for row in rows]
-
-
-def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
-    row = conn.execute(
-        "SELECT COUNT(*) FROM submissions WHERE user_id = ?"
-        " AND status IN ('pending', 'processing', 'retrying')",
-        (user_id,),
-    ).fetchone()
-    return int(row[0])

@@ -100,9 +100,6 @@ class Scheduler:
         self._reload_requested = True
         self._changed.set()
 
-    def next_due_at(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
-
     async def next_due(self) -> Entry:
         """Wait until the soonest entry is due, pop it and return it."""
         while True:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -275,12 +275,6 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         return result
-
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        args = tuple(params)
-        return await self.read(lambda conn: conn.execute(sql, args).fetchall())
-
-    # -- closing -----------------------------------------------------------
 
     async def close(self) -> None:
         """Commit what is queued, then close the connections."""
