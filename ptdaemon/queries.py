@@ -56,6 +56,11 @@ def write_probe(conn: sqlite3.Connection, now: float) -> None:
 # -- users -------------------------------------------------------------------
 
 
+LIVE_USERS: Final = (
+    "SELECT id, name, admin, created_at FROM users WHERE deleted_at IS NULL"
+)
+
+
 def _user(row: Any) -> User:
     return User(id=row[0], name=row[1], admin=bool(row[2]), created_at=row[3])
 
@@ -76,8 +81,7 @@ def insert_user(conn: sqlite3.Connection, user: User, token_hash: str) -> User:
 
 def user_by_token(conn: sqlite3.Connection, token_hash: str) -> User | None:
     row = conn.execute(
-        "SELECT id, name, admin, created_at FROM users"
-        " WHERE token_hash = ? AND deleted_at IS NULL",
+        f"{LIVE_USERS} AND token_hash = ?",
         (token_hash,),
     ).fetchone()
     return None if row is None else _user(row)
@@ -85,18 +89,14 @@ def user_by_token(conn: sqlite3.Connection, token_hash: str) -> User | None:
 
 def user_by_name(conn: sqlite3.Connection, name: str) -> User | None:
     row = conn.execute(
-        "SELECT id, name, admin, created_at FROM users"
-        " WHERE name = ? AND deleted_at IS NULL",
+        f"{LIVE_USERS} AND name = ?",
         (name,),
     ).fetchone()
     return None if row is None else _user(row)
 
 
 def list_users(conn: sqlite3.Connection) -> list[User]:
-    rows = conn.execute(
-        "SELECT id, name, admin, created_at FROM users"
-        " WHERE deleted_at IS NULL ORDER BY created_at, id"
-    ).fetchall()
+    rows = conn.execute(f"{LIVE_USERS} ORDER BY created_at, id").fetchall()
     return [_user(row) for row in rows]
 
 
@@ -111,9 +111,7 @@ def set_token(conn: sqlite3.Connection, user_id: str, token_hash: str) -> User:
     )
     if updated.rowcount == 0:
         raise NotFoundError("no such user")
-    row = conn.execute(
-        "SELECT id, name, admin, created_at FROM users WHERE id = ?", (user_id,)
-    ).fetchone()
+    row = conn.execute(f"{LIVE_USERS} AND id = ?", (user_id,)).fetchone()
     return _user(row)
 
 
