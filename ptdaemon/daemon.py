@@ -19,6 +19,7 @@ from ptdaemon import queries
 from ptdaemon.api.app import STATE_KEY, build_app
 from ptdaemon.config import Config, load_config
 from ptdaemon.dispatch.base import Dispatcher
+from ptdaemon.dispatch.http import ResolverFactory
 from ptdaemon.dispatch.registry import build_dispatchers, close_dispatchers
 from ptdaemon.engine import Engine, interrupted_finish
 from ptdaemon.errors import (
@@ -92,12 +93,14 @@ class Daemon:
         *,
         api: bool = True,
         user: str | None = None,
+        resolver: ResolverFactory | None = None,
     ) -> None:
         if not isinstance(config, Config):
             config = load_config(config)
         self.config = config
         self._api_enabled = api
         self._user_name = user or ADMIN_NAME
+        self._resolver = resolver
         self._lock = StateLock(config.state_path)
         self._store: Store | None = None
         self._dispatchers: dict[Method, Dispatcher] = {}
@@ -138,6 +141,7 @@ class Daemon:
         state_dir = config.state_path
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state_dir.chmod(0o700)
             for root in config.file_root_paths:
                 root.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
@@ -156,7 +160,7 @@ class Daemon:
         config = self.config
         # Storage first: everything else reads from it.
         self._store = store = await Store.open(state_dir / DB_NAME)
-        self._dispatchers = build_dispatchers(config)
+        self._dispatchers = build_dispatchers(config, resolver=self._resolver)
         self._engine = engine = Engine(
             store,
             self._dispatchers,

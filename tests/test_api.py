@@ -20,8 +20,10 @@ from tests.inprocess import Client, running
 async def client(tmp_path: Path) -> AsyncIterator[Client]:
     config_path = tmp_path / "config.toml"
     config_path.write_text(
-        '[daemon]\nstate_dir = "state"\n[api]\nlisten = "127.0.0.1:0"\n'
+        '[daemon]\nstate_dir = "state"\n'
+        '[api]\nlisten = "127.0.0.1:0"\nrate_per_second = 0\n'
         '[dispatch]\nfile_roots = ["drop"]\n[limits]\ntemplates_per_user = 3\n'
+        '[security]\nallow_networks = ["127.0.0.0/8"]\n'
     )
     async with running(config_path) as api:
         yield api

@@ -18,8 +18,9 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "config.toml"
     path.write_text(
         '[daemon]\nstate_dir = "state"\n'
-        '[api]\nlisten = "127.0.0.1:0"\n'
+        '[api]\nlisten = "127.0.0.1:0"\nrate_per_second = 0\n'
         '[dispatch]\nfile_roots = ["drop"]\n'
+        '[security]\nallow_networks = ["127.0.0.0/8"]\n'
         "\n[[templates]]\n"
         'name = "drop"\nmethod = "FILE"\n'
         'target = {directory = "drop", filename = "{id}.json"}\n'

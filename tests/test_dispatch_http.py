@@ -26,6 +26,7 @@ from ptdaemon.dispatch.base import Delivery
 from ptdaemon.dispatch.http import HttpDispatcher, build_request, encode_form, judge
 from ptdaemon.errors import DeliveryError, InvalidError
 from ptdaemon.models import ErrorCategory, Method, Template
+from ptdaemon.netpolicy import AddressPolicy
 from ptdaemon.signing import generate_secret, secret_bytes
 
 URL_TEXT = "https://forms.example.test/submit"
@@ -483,14 +484,14 @@ def test_secret_bytes_refuses_unusable_secrets(secret):
 
 @pytest.fixture
 async def api_dispatcher() -> AsyncIterator[HttpDispatcher]:
-    dispatcher = HttpDispatcher(Method.API)
+    dispatcher = HttpDispatcher(Method.API, policy=AddressPolicy())
     yield dispatcher
     await dispatcher.close()
 
 
 @pytest.fixture
 async def form_dispatcher() -> AsyncIterator[HttpDispatcher]:
-    dispatcher = HttpDispatcher(Method.HTTP_POST)
+    dispatcher = HttpDispatcher(Method.HTTP_POST, policy=AddressPolicy())
     yield dispatcher
     await dispatcher.close()
 

@@ -28,6 +28,7 @@ BASE_CONFIG = (
     '[daemon]\nstate_dir = "state"\n'
     '[api]\nlisten = "127.0.0.1:0"\nrate_per_second = 0\n'
     '[dispatch]\nfile_roots = ["drop"]\n'
+    '[security]\nallow_networks = ["127.0.0.0/8"]\n'
 )
 ADMIN = User(id="u-1", name="admin", admin=True, created_at=0.0)
 

@@ -12,11 +12,14 @@ import base64
 import logging
 import re
 import secrets
+import socket
 import urllib.parse
+from collections.abc import Callable
 from typing import Any, Final
 
 import aiohttp
 import msgspec
+from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -34,6 +37,7 @@ from ptdaemon.models import (
     Method,
     Template,
 )
+from ptdaemon.netpolicy import AddressPolicy, AddressRefused, literal_address
 from ptdaemon.redact import is_sensitive_header
 from ptdaemon.retry import is_retryable_status, parse_retry_after
 from ptdaemon.signing import signature_headers
@@ -70,18 +74,56 @@ CREDENTIAL_HEADERS: Final = frozenset(
 )
 
 
+ResolverFactory = Callable[[], AbstractResolver]
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves names, keeping only the answers the address policy allows."""
+
+    def __init__(self, inner: AbstractResolver, policy: AddressPolicy) -> None:
+        self.inner = inner
+        self.policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self.inner.resolve(host, port, family)
+        allowed = [a for a in answers if self.policy.refusal(a["host"]) is None]
+        if answers and not allowed:
+            self.policy.check(host, answers[0]["host"])
+        return allowed
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class HttpDispatcher:
     """Delivers HTTP_POST (web forms) and API (JSON) templates."""
 
-    def __init__(self, method: Method, *, connector_limit: int = 100) -> None:
+    def __init__(
+        self,
+        method: Method,
+        *,
+        policy: AddressPolicy,
+        connector_limit: int = 100,
+        resolver: ResolverFactory | None = None,
+        dns_cache_seconds: int = 60,
+    ) -> None:
         self.method = method
+        self.policy = policy
         self._connector_limit = connector_limit
+        self._resolver = resolver or aiohttp.ThreadedResolver
+        self._dns_cache_seconds = dns_cache_seconds
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=self._connector_limit, ttl_dns_cache=60
+                limit=self._connector_limit,
+                ttl_dns_cache=self._dns_cache_seconds,
+                use_dns_cache=self._dns_cache_seconds > 0,
+                resolver=PolicyResolver(self._resolver(), self.policy),
+                socket_factory=self._open_socket,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -91,6 +133,13 @@ class HttpDispatcher:
             )
         return self._session
 
+    def _open_socket(self, addr_info: Any) -> socket.socket:
+        # The last word: whatever a resolver answered or a URL spelled, this is
+        # the address the connection is about to be made to.
+        family, kind, proto, _, address = addr_info
+        self.policy.check(str(address[0]), str(address[0]))
+        return socket.socket(family=family, type=kind, proto=proto)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -99,6 +148,12 @@ class HttpDispatcher:
     def check_target(self, target: msgspec.Struct) -> None:
         url = getattr(target, "url", "")
         check_url(url)
+        rule = self.policy.check_url_host(URL(url).host or "")
+        if rule is not None:
+            raise InvalidError(
+                f"url leads to an address that is refused: {rule}",
+                code="address_refused",
+            )
         if isinstance(target, ApiTarget):
             headers = {**target.headers, **_auth_headers(target.auth)}
             for name, value in headers.items():
@@ -118,6 +173,7 @@ class HttpDispatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delivery.template.timeout_seconds
         for _ in range(MAX_HOPS + 1):
+            self._check_literal(url)
             remaining = max(deadline - loop.time(), 0.001)
             status, headers, reply = await self._send(request, url, remaining)
             if status not in (307, 308):
@@ -132,6 +188,14 @@ class HttpDispatcher:
             retryable=False,
             details={"exception": "TooManyRedirects", "location": str(url)},
         )
+
+    def _check_literal(self, url: URL) -> None:
+        host = url.host or ""
+        address = literal_address(host)
+        if address is not None:
+            rule = self.policy.refusal(address)
+            if rule is not None:
+                raise _refused(AddressRefused(host, str(address), rule))
 
     async def _send(
         self, request: _Request, url: URL, timeout_seconds: float
@@ -153,8 +217,14 @@ class HttpDispatcher:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             message = f"no answer within {timeout_seconds:.3g} s"
             raise _failure(exc, ErrorCategory.TIMEOUT, message) from exc
+        except AddressRefused as exc:
+            raise _refused(exc) from exc
         except aiohttp.InvalidURL as exc:
             raise _failure(exc, ErrorCategory.VALIDATION, "invalid URL") from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefused):
+                raise _refused(exc.os_error) from exc
+            raise _failure(exc, ErrorCategory.NETWORK, _network_message(exc)) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _failure(exc, ErrorCategory.NETWORK, _network_message(exc)) from exc
 
@@ -346,6 +416,15 @@ def _failure(
         message,
         category=category,
         details={"exception": type(exc).__name__},
+    )
+
+
+def _refused(exc: AddressRefused) -> DeliveryError:
+    return DeliveryError(
+        f"destination refused by the outbound address policy: {exc}",
+        category=ErrorCategory.VALIDATION,
+        retryable=False,
+        details={"exception": "AddressRefused", "rule": exc.rule},
     )
 
 

@@ -5,15 +5,26 @@ from __future__ import annotations
 from ptdaemon.config import Config
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.file import FileDispatcher
-from ptdaemon.dispatch.http import HttpDispatcher
+from ptdaemon.dispatch.http import HttpDispatcher, ResolverFactory
 from ptdaemon.models import Method
+from ptdaemon.netpolicy import AddressPolicy
 
 
-def build_dispatchers(config: Config) -> dict[Method, Dispatcher]:
+def build_dispatchers(
+    config: Config, *, resolver: ResolverFactory | None = None
+) -> dict[Method, Dispatcher]:
+    """One dispatcher per method; `resolver` replaces the system's DNS."""
     limit = config.dispatch.concurrency
+    policy = AddressPolicy(config.security.networks())
+
+    def http(method: Method) -> HttpDispatcher:
+        return HttpDispatcher(
+            method, policy=policy, connector_limit=limit, resolver=resolver
+        )
+
     return {
-        Method.HTTP_POST: HttpDispatcher(Method.HTTP_POST, connector_limit=limit),
-        Method.API: HttpDispatcher(Method.API, connector_limit=limit),
+        Method.HTTP_POST: http(Method.HTTP_POST),
+        Method.API: http(Method.API),
         Method.FILE: FileDispatcher(
             file_roots=config.file_root_paths, state_dir=config.state_path
         ),
