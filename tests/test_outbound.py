@@ -176,9 +176,7 @@ async def test_localhost_is_refused_when_the_template_is_saved():
 
 async def test_a_redirect_into_loopback_is_refused(servers):
     inner = await servers("127.0.0.1")
-    outer = await servers(
-        "127.0.0.2", redirect=f"http://127.0.0.1:{inner.port}/secret"
-    )
+    outer = await servers("127.0.0.2", redirect=f"http://127.0.0.1:{inner.port}/secret")
     client, _ = dispatcher(allow=["127.0.0.2/32"])
     try:
         await refused(client, f"http://127.0.0.2:{outer.port}/start")
