@@ -61,6 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--cursor")
     for name, text in (("retry", "retry a submission now"), ("cancel", "cancel one")):
         command(name, text).add_argument("id")
+    users = command("users", "manage users and their tokens (admin)")
+    actions = users.add_subparsers(dest="action", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text)
+        # Also accepted after the action; SUPPRESS keeps an earlier value.
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        return sub
+
+    add = action("add", "create a user; prints its token once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may manage users")
+    action("list", "list users")
+    for name, text in (
+        ("revoke", "delete a user: its token stops working at once"),
+        ("rotate-token", "give a user a new token; the old one stops working"),
+    ):
+        action(name, text).add_argument("user", help="name or id")
     return parser
 
 
@@ -207,6 +226,7 @@ async def _client_command(config: Config, args: argparse.Namespace) -> int:
             "list": _list,
             "retry": _retry,
             "cancel": _cancel,
+            "users": _users,
         }[args.command]
         await handler(client, args)
     finally:
@@ -306,6 +326,41 @@ async def _cancel(client: Client, args: argparse.Namespace) -> None:
     _print_submission(
         await client.call("POST", f"/v1/submissions/{args.id}/cancel"), args.json
     )
+
+
+async def _users(client: Client, args: argparse.Namespace) -> None:
+    if args.action == "add":
+        body = {"name": args.name, "admin": args.admin}
+        _print_user(await client.call("POST", "/v1/users", body), args.json)
+        return
+    users = (await client.call("GET", "/v1/users"))["items"]
+    if args.action == "list":
+        if args.json:
+            print(json.dumps({"items": users}, indent=2, ensure_ascii=False))
+            return
+        for user in users:
+            role = "admin" if user["admin"] else "user"
+            print(f"{user['id']}  {role:<5}  {user['created_at']}  {user['name']}")
+        return
+    wanted = unicodedata.normalize("NFC", args.user)
+    found = [u for u in users if wanted in (u["id"], u["name"])]
+    if not found:
+        raise CliError(f"no user named {args.user!r}", 2)
+    user_id = found[0]["id"]
+    if args.action == "revoke":
+        await client.call("DELETE", f"/v1/users/{user_id}")
+        print(f"revoked {found[0]['name']} ({user_id})", file=sys.stderr)
+        return
+    _print_user(await client.call("POST", f"/v1/users/{user_id}/token"), args.json)
+
+
+def _print_user(user: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(user, indent=2, ensure_ascii=False))
+        return
+    for key in ("id", "name", "admin", "created_at", "token"):
+        print(f"{key}: {user[key]}")
+    print("the token is shown this once; keep it safe", file=sys.stderr)
 
 
 def _print_submission(sub: dict[str, Any], as_json: bool) -> None:

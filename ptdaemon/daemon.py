@@ -176,6 +176,7 @@ class Daemon:
             default_timeout_seconds=config.dispatch.timeout_seconds,
             base_dir=config.base_dir,
             templates_per_user=config.limits.templates_per_user,
+            unfinished_per_user=config.limits.unfinished_per_user,
         )
 
         # Users and the templates of the config file.
@@ -223,7 +224,12 @@ class Daemon:
 
     async def _start_api(self, service: Service) -> None:
         api = self.config.api
-        self._app = build_app(service, max_body_bytes=api.max_body_bytes)
+        self._app = build_app(
+            service,
+            max_body_bytes=api.max_body_bytes,
+            rate_per_second=api.rate_per_second,
+            rate_burst=api.rate_burst,
+        )
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
@@ -240,8 +246,14 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen)
             site = web.UnixSite(self._runner, listen)
-            await site.start()
-            os.chmod(listen, 0o660)
+            # Owner-only from the moment the socket exists: its clients send
+            # bearer tokens.
+            umask = os.umask(0o177)
+            try:
+                await site.start()
+            finally:
+                os.umask(umask)
+            os.chmod(listen, 0o600)
             self.listen_address = f"unix:{listen}"
         else:
             host, port = listen

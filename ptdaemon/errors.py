@@ -101,6 +101,12 @@ class InvalidError(ServiceError):
     code = "invalid"
 
 
+class TooManyError(ServiceError):
+    """A limit that frees up with time: try again later."""
+
+    http_status = 429
+
+
 class UnavailableError(ServiceError):
     http_status = 503
     code = "unavailable"

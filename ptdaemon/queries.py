@@ -18,6 +18,7 @@ from ptdaemon.errors import (
     InvalidError,
     NotFoundError,
     ServiceError,
+    TooManyError,
     UnauthorizedError,
 )
 from ptdaemon.models import (
@@ -303,14 +304,22 @@ class NewSubmission(msgspec.Struct):
     request_hash: str | None
 
 
+def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT n FROM unfinished WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def insert_submissions(
-    conn: sqlite3.Connection, items: list[NewSubmission]
+    conn: sqlite3.Connection, items: list[NewSubmission], limit: int | None = None
 ) -> list[tuple[Submission, bool] | ServiceError]:
     """Insert new rows; an idempotency key seen before returns its original.
 
     Each result is (submission, created), or the error of that item: a key
-    reused with another body, or a template deleted since the request was
-    checked. A user revoked meanwhile fails the whole call.
+    reused with another body, a template deleted since the request was
+    checked, or the user's `limit` of unfinished submissions reached. A user
+    revoked meanwhile fails the whole call.
     """
     results: list[tuple[Submission, bool] | ServiceError] = []
     live_templates: dict[str, bool] = {}
@@ -336,6 +345,14 @@ def insert_submissions(
             if found is not None:
                 results.append(_repeat(found, item.request_hash))
                 continue
+        if limit is not None and count_unfinished(conn, sub.user_id) >= limit:
+            results.append(
+                TooManyError(
+                    f"at most {limit} unfinished submissions per user",
+                    code="too_many_unfinished",
+                )
+            )
+            continue
         cursor = conn.execute(
             "INSERT INTO submissions (id, user_id, form_template_id, data, status,"
             " max_retries, retry_backoff_seconds, retry_backoff_max_seconds,"

@@ -82,6 +82,7 @@ class Service:
         default_timeout_seconds: float,
         base_dir: Path,
         templates_per_user: int,
+        unfinished_per_user: int | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -92,6 +93,7 @@ class Service:
             base_dir=base_dir,
         )
         self.templates_per_user = templates_per_user
+        self.unfinished_per_user = unfinished_per_user
 
     # -- users -------------------------------------------------------------
 
@@ -305,7 +307,10 @@ class Service:
     async def _insert(
         self, items: list[queries.NewSubmission]
     ) -> list[tuple[Submission, bool] | ServiceError]:
-        results = await self.store.write(lambda c: queries.insert_submissions(c, items))
+        limit = self.unfinished_per_user
+        results = await self.store.write(
+            lambda c: queries.insert_submissions(c, items, limit)
+        )
         for result in results:
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]

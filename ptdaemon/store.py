@@ -110,6 +110,37 @@ MIGRATIONS: Final[list[str]] = [
     """
     CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
     """,
+    # 3: unfinished submissions per user, kept by triggers so that the
+    # [limits] cap costs one lookup instead of a count.
+    """
+    CREATE TABLE unfinished (
+        user_id TEXT PRIMARY KEY,
+        n INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO unfinished (user_id, n)
+        SELECT user_id, count(*) FROM submissions
+        WHERE status IN ('pending', 'processing', 'retrying') GROUP BY user_id;
+    CREATE TRIGGER unfinished_insert AFTER INSERT ON submissions
+    WHEN NEW.status IN ('pending', 'processing', 'retrying')
+    BEGIN
+        INSERT INTO unfinished (user_id, n) VALUES (NEW.user_id, 1)
+            ON CONFLICT (user_id) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER unfinished_update AFTER UPDATE OF status ON submissions
+    WHEN (OLD.status IN ('pending', 'processing', 'retrying'))
+        != (NEW.status IN ('pending', 'processing', 'retrying'))
+    BEGIN
+        INSERT INTO unfinished (user_id, n) VALUES (NEW.user_id,
+            CASE WHEN NEW.status IN ('pending', 'processing', 'retrying')
+            THEN 1 ELSE -1 END)
+            ON CONFLICT (user_id) DO UPDATE SET n = n + excluded.n;
+    END;
+    CREATE TRIGGER unfinished_delete AFTER DELETE ON submissions
+    WHEN OLD.status IN ('pending', 'processing', 'retrying')
+    BEGIN
+        UPDATE unfinished SET n = n - 1 WHERE user_id = OLD.user_id;
+    END;
+    """,
 ]
 
 

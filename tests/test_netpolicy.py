@@ -19,7 +19,7 @@ from ptdaemon.netpolicy import (
 POLICY = AddressPolicy()
 
 REFUSED = [
-    "0.0.0.0",
+    "0.0.0.0",  # noqa: S104 - an address to refuse, not to bind
     "0.1.2.3",
     "10.0.0.1",
     "10.255.255.255",

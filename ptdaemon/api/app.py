@@ -11,6 +11,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
+from ptdaemon.api.ratelimit import RateLimits, retry_after
 from ptdaemon.errors import (
     ServiceError,
     StorageUnavailableError,
@@ -28,6 +29,7 @@ OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 SERVICE_KEY: Final = web.AppKey("service", Service)
 STATE_KEY: Final = web.AppKey("state", dict)
 LIMIT_KEY: Final = web.AppKey("max_body_bytes", int)
+LIMITS_KEY: Final = web.AppKey("rate_limits", RateLimits)
 USER_KEY: Final = web.RequestKey("user", User)
 STORAGE_RETRY_AFTER: Final = "5"
 
@@ -136,7 +138,7 @@ async def errors_middleware(
         response = await handler(request)
     except ServiceError as exc:
         response = json_response(error_body(exc), status=exc.http_status)
-        if exc.http_status == 503:
+        if exc.http_status in (429, 503):
             response.headers["Retry-After"] = STORAGE_RETRY_AFTER
     except ServiceErrorResponse as exc:
         response = error_response(exc.status, exc.code, exc.message)
@@ -205,17 +207,40 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     if request.app[STATE_KEY]["stopping"]:
         return shutting_down()
+    limits = request.app[LIMITS_KEY]
+    address = request.remote or "local"
+    if limits.enabled:
+        # An address that keeps failing is turned away before any lookup.
+        wait = limits.failures.wait(address)
+        if wait:
+            return rate_limited(wait, "too many failed authentications")
     token = _bearer(request.headers.get("Authorization", ""))
     user = await service_of(request).authenticate(token) if token else None
     if user is None:
+        if limits.enabled:
+            limits.failures.take(address)
         return error_response(
             401,
             "unauthorized",
             "a valid bearer token is needed",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    if limits.enabled:
+        wait = limits.per_token.take(user.id)
+        if wait:
+            return rate_limited(wait, "too many requests for this token")
     request[USER_KEY] = user
     return await handler(request)
+
+
+def rate_limited(wait: float, message: str) -> web.Response:
+    return error_response(
+        429,
+        "rate_limited",
+        f"{message}; try again later",
+        details={"retry_after_seconds": int(retry_after(wait))},
+        headers={"Retry-After": retry_after(wait)},
+    )
 
 
 def _bearer(header: str) -> str | None:
@@ -225,7 +250,13 @@ def _bearer(header: str) -> str | None:
     return token.strip()
 
 
-def build_app(service: Service, *, max_body_bytes: int) -> web.Application:
+def build_app(
+    service: Service,
+    *,
+    max_body_bytes: int,
+    rate_per_second: float = 0.0,
+    rate_burst: int = 1,
+) -> web.Application:
     from ptdaemon.api import routes
 
     app = web.Application(
@@ -235,5 +266,6 @@ def build_app(service: Service, *, max_body_bytes: int) -> web.Application:
     app[SERVICE_KEY] = service
     app[STATE_KEY] = {"stopping": False}
     app[LIMIT_KEY] = max_body_bytes
+    app[LIMITS_KEY] = RateLimits(rate_per_second, rate_burst)
     routes.add_routes(app)
     return app
