@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from ptdaemon.service import TOKEN_PREFIX
-from tests.test_cli import Served, client, cli_env, one_line, start_serve
+from tests.test_cli import Served, cli_env, client, one_line, start_serve
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import re
 import secrets
@@ -287,7 +288,9 @@ def build_request(delivery: Delivery) -> _Request:
         method = target.method
     else:
         target = msgspec.convert(template.target, HttpPostTarget)
-        body, content_type = encode_form(delivery.payload, target.encoding)
+        body, content_type = encode_form(
+            delivery.payload, target.encoding, seed=delivery.submission_id
+        )
         headers["Content-Type"] = content_type
         method = "POST"
     headers["User-Agent"] = USER_AGENT
@@ -321,19 +324,28 @@ def _auth_headers(auth: BearerAuth | BasicAuth | HeaderAuth | None) -> dict[str,
     return {}
 
 
-def encode_form(payload: dict[str, Any], encoding: str) -> tuple[bytes, str]:
-    """Encode a mapped payload as a browser would post it."""
+def encode_form(
+    payload: dict[str, Any], encoding: str, *, seed: str = ""
+) -> tuple[bytes, str]:
+    """Encode a mapped payload as a browser would post it.
+
+    A multipart boundary is derived from `seed` (the submission id), so that
+    every attempt sends the same bytes.
+    """
     if encoding == "json":
         return msgspec.json.encode(payload), "application/json"
     pairs = form_pairs(payload)
     if encoding == "form":
         body = urllib.parse.urlencode(pairs, encoding="utf-8").encode("ascii")
         return body, "application/x-www-form-urlencoded"
-    return encode_multipart(pairs)
+    return encode_multipart(pairs, seed)
 
 
-def encode_multipart(pairs: list[tuple[str, str]]) -> tuple[bytes, str]:
-    boundary = "----ptdaemon" + secrets.token_hex(12)
+def encode_multipart(pairs: list[tuple[str, str]], seed: str = "") -> tuple[bytes, str]:
+    token = hashlib.sha256(seed.encode()).hexdigest()[:24] if seed else ""
+    boundary = "----ptdaemon" + token
+    if not token or any(boundary in name or boundary in v for name, v in pairs):
+        boundary = "----ptdaemon" + secrets.token_hex(12)
     parts: list[bytes] = []
     for name, value in pairs:
         parts.append(

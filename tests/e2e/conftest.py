@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-READY = re.compile(r"daemon ready .*listen=(\S+)")
+# The ready line in either log format: `listen=ADDR` or `"listen": "ADDR"`.
+READY = re.compile(r'daemon ready.*?listen"?(?:=|: ")([^\s",}]+)')
 START_TIMEOUT_SECONDS = 15.0
 
 
@@ -264,20 +265,20 @@ class DaemonProcess:
         *,
         grace: float = 5.0,
         allow_networks: str = '["127.0.0.0/8"]',
+        daemon_config: str = 'log_level = "debug"\n',
+        api_config: str = "rate_per_second = 0\n",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.env = env or {}
         self.config_path = root / "config.toml"
         self.log_path = root / "daemon.log"
         self.drop = root / "drop"
         self.config_path.write_text(
             "[daemon]\n"
             'state_dir = "state"\n'
-            'log_level = "debug"\n'
-            f"shutdown_grace_seconds = {grace}\n"
-            "[api]\n"
-            'listen = "127.0.0.1:0"\n'
-            "rate_per_second = 0\n"
-            "[dispatch]\n"
+            f"shutdown_grace_seconds = {grace}\n" + daemon_config + "[api]\n"
+            'listen = "127.0.0.1:0"\n' + api_config + "[dispatch]\n"
             'file_roots = ["drop"]\n'
             "timeout_seconds = 5\n"
             "[security]\n"
@@ -312,7 +313,7 @@ class DaemonProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 cwd=self.root,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
@@ -371,10 +372,19 @@ async def start_daemon(
         *,
         grace: float = 5.0,
         allow_networks: str = '["127.0.0.0/8"]',
+        **options: Any,
     ) -> tuple[DaemonProcess, Api]:
-        """`grace` is [daemon] shutdown_grace_seconds; `allow_networks` a TOML list."""
+        """`grace` is [daemon] shutdown_grace_seconds; `allow_networks` a TOML list.
+
+        `options` go to DaemonProcess: `daemon_config` and `api_config` (lines
+        of those tables), `env` (extra environment of the process).
+        """
         process = DaemonProcess(
-            tmp_path, extra_config, grace=grace, allow_networks=allow_networks
+            tmp_path,
+            extra_config,
+            grace=grace,
+            allow_networks=allow_networks,
+            **options,
         )
         await process.start()
         api = Api(process.base, process.token)
