@@ -6,6 +6,7 @@ All against the real `ptdaemon serve` process over HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -401,3 +402,60 @@ async def test_a_name_that_leads_to_loopback_fails_without_retry(sink, start_dae
     assert "loopback" in final["error_message"]
     assert final["retry_count"] == 0
     assert sink.seen("/inside") == []
+
+
+# -- body limits -------------------------------------------------------------
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_without_the_rest(
+    start_daemon,
+):
+    process, api = await start_daemon(
+        api_config="rate_per_second = 0\nmax_body_bytes = 65536\n"
+    )
+    host, port = process.base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    chunk = b"[" + b"1," * 16383 + b"1]"
+    sent = 0
+    try:
+        writer.write(
+            b"POST /v1/submissions/batch HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {api.token}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        # Four times the limit is offered; the answer must come before the end.
+        for _ in range(8):
+            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            await writer.drain()
+            sent += len(chunk)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert body["error"]["code"] == "body_too_large"
+    assert sent < 4 * 65536 + len(chunk)
+    # The daemon is unharmed.
+    assert (await api.send("GET", "/healthz", auth=False)).status == 200
+
+
+async def test_json_nested_half_a_million_deep_is_a_plain_422(start_daemon):
+    _, api = await start_daemon()
+    depth = 500_000
+    raw = b'{"form_template_id": "x", "data": ' + b"[" * depth + b"]" * depth + b"}"
+    for path in ("/v1/submissions", "/v1/templates", "/v1/submissions/batch"):
+        answer = await api.send(
+            "POST", path, raw=raw, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status == 422, (path, answer.raw[:200])
+        assert answer.json["error"]["code"] == "too_deep"
+    process_ok = await api.send("GET", "/healthz", auth=False)
+    assert process_ok.status == 200
