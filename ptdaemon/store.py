@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,7 +189,10 @@ class Store:
         return store
 
     async def _connect(self) -> None:
-        is_new = not self.path.exists()
+        is_new = not self.path.exists() or self.path.stat().st_size == 0
+        # SQLite gives the -wal and -shm files the mode of the database file,
+        # so a private database file keeps them private from their first byte.
+        await asyncio.to_thread(_create_private, self.path)
         try:
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             await self._writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -326,6 +330,13 @@ class Store:
                     await conn.close()
         self._readers = []
         self._writer = None
+
+
+def _create_private(path: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    with contextlib.suppress(OSError):
+        path.chmod(0o600)
 
 
 def _make_private(path: Path) -> None:

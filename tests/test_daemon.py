@@ -162,5 +162,5 @@ async def test_the_api_listens_on_a_unix_socket(tmp_path: Path):
             body = await reply.json()
 
     assert daemon.listen_address == f"unix:{socket_path}"
-    assert mode == 0o660
+    assert mode == 0o600
     assert body == {"status": "ok"}

@@ -348,6 +348,16 @@ async def test_a_unix_socket_is_owner_only(tmp_path: Path):
             await asyncio.sleep(0.05)
         assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
         assert stat.S_ISSOCK(socket_path.stat().st_mode)
+        # Even with a umask of 0, what holds secrets is private.
+        state = tmp_path / "state"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for name in (
+            "admin.token",
+            "ptdaemon.db",
+            "ptdaemon.db-wal",
+            "ptdaemon.db-shm",
+        ):
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     finally:
         proc.terminate()
         proc.wait(15)
