@@ -421,7 +421,7 @@ def _check_text(field: str, text: str) -> None:
     try:
         check_template_text(text)
     except InvalidError as exc:
-        raise _invalid(f"target.{field}", exc.message) from exc
+        raise _invalid(f"target.{field}", exc.message, "invalid") from exc
     is_address = field != "subject" and field != "body"
     if is_address and "{" not in text.replace("{{", ""):
         try:

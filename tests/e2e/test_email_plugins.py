@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.smtp_sink import SmtpSink
+from tests.smtp_sink import DROP, SmtpSink
 
 StartDaemon = Callable[..., Any]
 
@@ -103,6 +103,26 @@ async def test_451_then_250_completes_after_two_attempts_with_one_message_id(
     assert len(smtp.offered) == 2
     assert ids == {f"<{sub['id']}@example.org>"}
     assert len(smtp.received) == 1
+
+
+async def test_a_connection_dropped_mid_session_is_retried(
+    start_daemon: StartDaemon, smtp: SmtpSink
+):
+    smtp.script(DROP)
+    _, api = await start_daemon(smtp_section(smtp))
+    template = await api.template(
+        method="EMAIL", target=EMAIL_TARGET, field_map=FIELD_MAP
+    )
+
+    sub = await api.submit(template["id"], DATA)
+    final = await api.wait_final(sub["id"])
+    attempts = await api.attempts(sub["id"])
+
+    assert final["status"] == "completed"
+    assert attempts[0]["error_category"] == "network"
+    assert attempts[0]["error_details"]["retryable"] is True
+    assert len(smtp.received) == 1
+    assert smtp.connections == 2
 
 
 async def test_550_fails_at_once_and_keeps_the_code(
