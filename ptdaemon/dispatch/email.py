@@ -351,7 +351,9 @@ def translate_error(exc: BaseException) -> DeliveryError:
         return _smtp_reply(exc.code, exc.message, type(exc).__name__)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return _timeout_error(None, exc)
-    if isinstance(exc, ValueError) and not isinstance(exc, aiosmtplib.SMTPException):
+    # A certificate failure is also a ValueError; it is the network's fault.
+    is_tls = isinstance(exc, ssl.SSLError | ssl.CertificateError)
+    if isinstance(exc, ValueError) and not is_tls:
         return DeliveryError(
             f"an address cannot be sent: {exc}",
             category=ErrorCategory.VALIDATION,
@@ -407,7 +409,8 @@ def _network_message(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return "the smtp server closed the connection"
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
-        return f"tls failure with the smtp server: {exc.__class__.__name__}"
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+        return f"tls failure with the smtp server: {reason or type(exc).__name__}"
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return f"the smtp server does not support what is configured: {exc}"
     if isinstance(exc, aiosmtplib.SMTPConnectError):
