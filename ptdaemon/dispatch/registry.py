@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ptdaemon.config import Config
 from ptdaemon.dispatch.base import Dispatcher
+from ptdaemon.dispatch.custom import CustomDispatcher
+from ptdaemon.dispatch.email import EmailDispatcher
 from ptdaemon.dispatch.file import FileDispatcher
 from ptdaemon.dispatch.http import HttpDispatcher, ResolverFactory
 from ptdaemon.models import Method
@@ -25,9 +27,14 @@ def build_dispatchers(
     return {
         Method.HTTP_POST: http(Method.HTTP_POST),
         Method.API: http(Method.API),
+        # The operator's own SMTP server is trusted: no address policy.
+        Method.EMAIL: EmailDispatcher(
+            config.smtp, password=config.smtp_password, ca_path=config.smtp_ca_path
+        ),
         Method.FILE: FileDispatcher(
             file_roots=config.file_root_paths, state_dir=config.state_path
         ),
+        Method.CUSTOM: CustomDispatcher(),
     }
 
 

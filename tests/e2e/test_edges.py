@@ -138,7 +138,8 @@ async def test_a_307_to_a_location_that_cannot_be_followed_is_final(
 BAD_TEMPLATES = {
     "ftp url": 'method = "API"\ntarget = {url = "ftp://x"}\n',
     "outside file_roots": 'method = "FILE"\ntarget = {directory = "../outside"}\n',
-    "email": 'method = "EMAIL"\ntarget = {to = ["a@example.org"], subject = "s"}\n',
+    "bad email address": 'method = "EMAIL"\ntarget = {to = ["clerk"], subject = "s"}\n',
+    "unknown plugin": 'method = "CUSTOM"\ntarget = {handler = "no-such-plugin"}\n',
     "short secret": (
         f'method = "API"\ntarget = {{url = "{NOWHERE}"}}\nsigning_secret = "short"\n'
     ),
