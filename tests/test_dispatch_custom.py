@@ -95,9 +95,7 @@ async def test_async_entry_point_is_awaited(dispatcher: CustomDispatcher):
 
 
 async def test_plain_function_runs_in_the_plugin_pool(dispatcher: CustomDispatcher):
-    result = await dispatcher.deliver(
-        delivery("tests.test_dispatch_custom:where_am_i")
-    )
+    result = await dispatcher.deliver(delivery("tests.test_dispatch_custom:where_am_i"))
 
     assert result.response_data["thread"] == "ptdaemon-plugin"
     assert threading.current_thread().name != "ptdaemon-plugin"

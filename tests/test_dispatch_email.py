@@ -322,17 +322,19 @@ async def test_bad_data_is_a_validation_error_that_names_the_field(
     assert sink.data_count == 0
 
 
-async def test_a_line_break_in_the_subject_data_stays_in_the_subject(
-    sink: SmtpSink, dispatcher: EmailDispatcher
+@pytest.mark.parametrize("value", ["Ada\r\nBcc: evil@example.org", "Ada\nX", "Ada\0"])
+async def test_a_line_break_in_the_subject_data_fails_as_validation(
+    sink: SmtpSink, dispatcher: EmailDispatcher, value: str
 ):
-    payload = {"full_name": "Ada\r\nBcc: evil@example.org", "mail": "a@example.org"}
+    payload = {"full_name": value, "mail": "a@example.org"}
 
-    await dispatcher.deliver(delivery(SIMPLE, payload))
+    with pytest.raises(DeliveryError) as caught:
+        await dispatcher.deliver(delivery(SIMPLE, payload))
 
-    message = sink.received[0].message
-    assert message["Subject"] == "New Ada Bcc: evil@example.org"
-    assert message["Bcc"] is None
-    assert sink.received[0].rcpt_tos == ["a@example.org"]
+    assert caught.value.category is ErrorCategory.VALIDATION
+    assert caught.value.retryable is False
+    assert "line break" in str(caught.value)
+    assert sink.data_count == 0
 
 
 async def test_placeholders_reach_no_attribute_of_python_objects(
@@ -357,6 +359,9 @@ def test_check_target_refuses_bad_literal_addresses_and_placeholders():
         EmailTarget(to=["a@example.org"], cc=["x@"], subject="s"),
         EmailTarget(to=["a@example.org"], subject="{a.b[0]}"),
         EmailTarget(to=["a@example.org"], reply_to="{", subject="s"),
+        EmailTarget(to=["a@example.org"], subject="Hi\r\nBcc: x@example.org"),
+        EmailTarget(to=["a@example.org"], subject="Hi\0"),
+        EmailTarget(to=["a@example.org\n"], subject="s"),
     ):
         with pytest.raises(InvalidError):
             sender.check_target(bad)

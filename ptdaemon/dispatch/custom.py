@@ -238,9 +238,7 @@ class _PluginTimeoutError(Exception):
     """The handler ran past the template's timeout."""
 
 
-def _plugin_failure(
-    name: str, delivery: Delivery, exc: BaseException
-) -> DeliveryError:
+def _plugin_failure(name: str, delivery: Delivery, exc: BaseException) -> DeliveryError:
     if isinstance(exc, RetryLater):
         return DeliveryError(
             str(exc),

@@ -32,7 +32,6 @@ from ptdaemon.models import EmailTarget, ErrorCategory, Method, Template
 log = logging.getLogger(__name__)
 
 
-
 class _SmtpPolicy(email.policy.EmailPolicy):
     """The stdlib's SMTP policy, with a subject folder that keeps every space.
 
@@ -115,7 +114,14 @@ def build_message(
     to = _render_addresses("to", target.to, fields)
     cc = _render_addresses("cc", target.cc, fields)
     bcc = _render_addresses("bcc", target.bcc, fields)
-    subject = " ".join(render(target.subject, fields).splitlines()).strip()
+    subject = render(target.subject, fields).strip()
+    if _has_break(subject):
+        # Data that would start a new header line is refused, not mended.
+        raise DeliveryError(
+            "subject: the data holds a line break or NUL",
+            category=ErrorCategory.VALIDATION,
+            details={"exception": "HeaderInjection", "field": "subject"},
+        )
     message_id = f"<{delivery.submission_id}@{sender.domain}>"
 
     message = EmailMessage(policy=POLICY)
@@ -387,8 +393,7 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> DeliveryError:
     )
     error.message = "the smtp server refused every recipient"
     error.details["refused"] = [
-        {"address": a.recipient, "status": a.code, "reply": a.message}
-        for a in answers
+        {"address": a.recipient, "status": a.code, "reply": a.message} for a in answers
     ]
 
     return error
@@ -420,7 +425,13 @@ def _network_message(exc: BaseException) -> str:
     return f"smtp error: {type(exc).__name__}"
 
 
+def _has_break(text: str) -> bool:
+    return any(char in text for char in "\r\n\0")
+
+
 def _check_text(field: str, text: str) -> None:
+    if field != "body" and _has_break(text):
+        raise _invalid(f"target.{field}", "holds a line break or NUL", "invalid")
     try:
         check_template_text(text)
     except InvalidError as exc:
