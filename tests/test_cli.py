@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -159,22 +160,26 @@ def start_serve(root: Path) -> Served:
     return served
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = start_serve(tmp_path_factory.mktemp("cli"))
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[Served]:
+    """`ptdaemon serve` in `root` for the length of the block."""
+    served = start_serve(root)
     try:
         yield served
     finally:
         served.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serving(tmp_path_factory.mktemp("cli")) as served:
+        yield served
 
 
 @pytest.fixture
 def own_daemon(tmp_path: Path) -> Iterator[Served]:
-    served = start_serve(tmp_path)
-    try:
+    with serving(tmp_path) as served:
         yield served
-    finally:
-        served.stop()
 
 
 def client(

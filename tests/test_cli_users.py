@@ -10,16 +10,13 @@ from collections.abc import Iterator
 import pytest
 
 from ptdaemon.service import TOKEN_PREFIX
-from tests.test_cli import Served, cli_env, client, one_line, start_serve
+from tests.test_cli import Served, cli_env, client, one_line, serving
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    daemon = start_serve(tmp_path_factory.mktemp("users"))
-    try:
+    with serving(tmp_path_factory.mktemp("users")) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 def status_with(served: Served, token: str, path: str = "/v1/templates") -> int:

@@ -14,6 +14,7 @@ from ptdaemon.dispatch.base import Delivery
 from ptdaemon.dispatch.custom import CustomDispatcher, PluginContext
 from ptdaemon.errors import DeliveryError, InvalidError
 from ptdaemon.models import CustomTarget, ErrorCategory, Method, Template
+from tests.factories import make_template
 
 SUB_ID = "0b7e5a0e-0f38-4c1e-9a43-6f1f2b0c9d21"
 
@@ -39,22 +40,11 @@ counter = Counter()
 
 
 def _template(handler: str, timeout: float) -> Template:
-    return Template(
-        id="tpl-1",
-        user_id="user-1",
+    return make_template(
+        Method.CUSTOM,
+        {"handler": handler},
         name="registry-plugin",
-        method=Method.CUSTOM,
-        target={"handler": handler},
-        field_map={},
-        required_fields=[],
-        max_retries=3,
-        retry_backoff_seconds=60.0,
-        retry_backoff_max_seconds=86400.0,
-        retry_jitter=0.0,
         timeout_seconds=timeout,
-        signing_secret=None,
-        created_at=0.0,
-        updated_at=0.0,
     )
 
 

@@ -26,6 +26,7 @@ from ptdaemon.dispatch.email import EmailDispatcher
 from ptdaemon.errors import ConfigError, DeliveryError, InvalidError
 from ptdaemon.models import EmailTarget, ErrorCategory, Method, Template
 from tests.e2e.conftest import free_port
+from tests.factories import make_template
 from tests.smtp_sink import DROP, SmtpSink
 
 STARTED_AT = datetime(2024, 2, 29, 23, 59, 58, tzinfo=UTC).timestamp()
@@ -35,20 +36,11 @@ Deliver = Callable[..., Delivery]
 
 
 def _template(target: dict[str, Any], name: str, timeout: float) -> Template:
-    return Template(
-        id="tpl-1",
-        user_id="user-1",
+    return make_template(
+        Method.EMAIL,
+        target,
         name=name,
-        method=Method.EMAIL,
-        target=target,
-        field_map={},
-        required_fields=[],
-        max_retries=3,
-        retry_backoff_seconds=60.0,
-        retry_backoff_max_seconds=86400.0,
-        retry_jitter=0.0,
         timeout_seconds=timeout,
-        signing_secret=None,
         created_at=STARTED_AT,
         updated_at=STARTED_AT,
     )

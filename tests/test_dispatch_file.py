@@ -20,6 +20,7 @@ from ptdaemon.dispatch.base import Delivery
 from ptdaemon.dispatch.file import FileDispatcher
 from ptdaemon.errors import DeliveryError, InvalidError
 from ptdaemon.models import ErrorCategory, FileTarget, Method, Template
+from tests.factories import make_template
 
 STARTED_AT = datetime(2024, 2, 29, 23, 59, 58, tzinfo=UTC).timestamp()
 
@@ -53,22 +54,8 @@ def dispatcher(root: Path, state_dir: Path) -> FileDispatcher:
 
 
 def _template(target: dict[str, Any], name: str = "city-permit") -> Template:
-    return Template(
-        id="tpl-1",
-        user_id="user-1",
-        name=name,
-        method=Method.FILE,
-        target=target,
-        field_map={},
-        required_fields=[],
-        max_retries=3,
-        retry_backoff_seconds=60.0,
-        retry_backoff_max_seconds=86400.0,
-        retry_jitter=0.0,
-        timeout_seconds=30.0,
-        signing_secret=None,
-        created_at=STARTED_AT,
-        updated_at=STARTED_AT,
+    return make_template(
+        Method.FILE, target, name=name, created_at=STARTED_AT, updated_at=STARTED_AT
     )
 
 

@@ -28,6 +28,7 @@ from ptdaemon.errors import DeliveryError, InvalidError
 from ptdaemon.models import ErrorCategory, Method, Template
 from ptdaemon.netpolicy import AddressPolicy
 from ptdaemon.signing import generate_secret, secret_bytes
+from tests import factories
 
 URL_TEXT = "https://forms.example.test/submit"
 KIB = 1024
@@ -49,21 +50,14 @@ def make_template(
         "id": str(uuid.uuid4()),
         "user_id": str(uuid.uuid4()),
         "name": "t",
-        "method": method,
-        "target": target or {"url": URL_TEXT},
-        "field_map": {},
-        "required_fields": [],
-        "max_retries": 3,
         "retry_backoff_seconds": 1.0,
         "retry_backoff_max_seconds": 60.0,
-        "retry_jitter": 0.0,
         "timeout_seconds": 5.0,
-        "signing_secret": None,
         "created_at": 1.0,
         "updated_at": 1.0,
     }
     values.update(fields)
-    return Template(**values)
+    return factories.make_template(method, target or {"url": URL_TEXT}, **values)
 
 
 def make_delivery(

@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from ptdaemon.api.openapi import openapi_document
-from tests.test_cli import Served, start_serve
+from tests.test_cli import Served, serving
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 # Valid and invalid requests both: the invalid ones exercise the 4xx shape.
@@ -27,11 +27,8 @@ SEEN: set[int] = set()
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    daemon = start_serve(tmp_path_factory.mktemp("fuzz"))
-    try:
+    with serving(tmp_path_factory.mktemp("fuzz")) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 def check_error_shape(path: str, raw: bytes) -> None:
