@@ -266,3 +266,55 @@ def user_view(user: User, token: str | None = None) -> dict[str, Any]:
     if token is not None:
         view["token"] = token
     return view
+
+
+# -- statistics (GET /v1/stats) ---------------------------------------------
+
+
+class StatusCounts(Struct, kw_only=True):
+    """How many submissions are in each state now."""
+
+    pending: int = 0
+    processing: int = 0
+    retrying: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class Percentiles(Struct, kw_only=True):
+    """Nearest-rank percentiles; null when no attempt had a duration."""
+
+    p50: int | None = None
+    p95: int | None = None
+    p99: int | None = None
+
+
+class HourFigures(Struct, kw_only=True):
+    """Attempts started in one hour: those that succeeded and those that did not."""
+
+    start: str
+    succeeded: int = 0
+    failed: int = 0
+
+
+class TemplateStats(Struct, kw_only=True):
+    id: str
+    name: str
+    counts: StatusCounts
+    success_rate: float | None
+    duration_ms: Percentiles
+    error_categories: dict[str, int]
+    # The last 24 whole hours up to now, oldest first, whatever `since` is.
+    hourly: list[HourFigures]
+
+
+class QueueStats(Struct, kw_only=True):
+    depth: int
+    oldest_due_age_seconds: float | None
+
+
+class Stats(Struct, kw_only=True):
+    since: str
+    queue: QueueStats
+    templates: list[TemplateStats]

@@ -23,13 +23,20 @@ from ptdaemon.errors import (
 from ptdaemon.models import (
     Attempt,
     ErrorCategory,
+    HourFigures,
     Outcome,
+    Percentiles,
+    QueueStats,
+    Stats,
     Status,
+    StatusCounts,
     Submission,
     Template,
+    TemplateStats,
     User,
 )
 from ptdaemon.store import decode_json, encode_json
+from ptdaemon.timeutil import format_time
 
 SUBMISSION_COLUMNS: Final = (
     "id, seq, user_id, form_template_id, data, status, retry_count, "
@@ -605,8 +612,9 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
 def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
     conn.execute(
         "INSERT INTO attempts (submission_id, number, started_at, duration_ms,"
-        " outcome, status, error_category, error_message, error_details, reply)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+        " outcome, status, error_category, error_message, error_details, reply,"
+        " form_template_id) VALUES (?,?,?,?,?,?,?,?,?,?,"
+        " (SELECT form_template_id FROM submissions WHERE id = ?))",
         (
             attempt.submission_id,
             attempt.number,
@@ -618,6 +626,7 @@ def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
             attempt.error_message,
             encode_json(attempt.error_details),
             attempt.reply,
+            attempt.submission_id,
         ),
     )
 
@@ -628,3 +637,170 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
         " WHERE status = 'processing'"
     ).fetchall()
     return [_submission(row) for row in rows]
+
+
+# -- statistics --------------------------------------------------------------
+
+HOUR_SECONDS: Final = 3600.0
+HOURS_SHOWN: Final = 24
+PERCENTILES: Final = (50, 95, 99)
+
+
+def stats(conn: sqlite3.Connection, user_id: str, since: float, now: float) -> Stats:
+    """The delivery statistics of one user's templates (GET /v1/stats)."""
+    templates = conn.execute(
+        "SELECT id, name FROM templates WHERE user_id = ? ORDER BY created_at, id",
+        (user_id,),
+    ).fetchall()
+    counts = _status_counts(conn, user_id, since)
+    categories, timed = _attempt_figures(conn, user_id, since)
+    hourly = _hourly(conn, user_id, now)
+    items = [
+        TemplateStats(
+            id=template_id,
+            name=name,
+            counts=counts.get(template_id, StatusCounts()),
+            success_rate=_success_rate(counts.get(template_id)),
+            duration_ms=_percentiles(conn, template_id, since, timed.get(template_id)),
+            error_categories=categories.get(template_id, {}),
+            hourly=hourly.get(template_id) or _empty_hours(now),
+        )
+        for template_id, name in templates
+    ]
+
+    return Stats(
+        since=format_time(since) or "",
+        queue=user_queue(conn, user_id, now),
+        templates=items,
+    )
+
+
+def _status_counts(
+    conn: sqlite3.Connection, user_id: str, since: float
+) -> dict[str, StatusCounts]:
+    counts: dict[str, StatusCounts] = {}
+    rows = conn.execute(
+        "SELECT form_template_id, status, COUNT(*) FROM submissions"
+        " WHERE user_id = ? AND created_at >= ?"
+        " GROUP BY form_template_id, status",
+        (user_id, since),
+    )
+    for template_id, status, count in rows:
+        setattr(counts.setdefault(template_id, StatusCounts()), status, count)
+    return counts
+
+
+def _success_rate(counts: StatusCounts | None) -> float | None:
+    if counts is None or counts.completed + counts.failed == 0:
+        return None
+    return counts.completed / (counts.completed + counts.failed)
+
+
+def _attempt_figures(
+    conn: sqlite3.Connection, user_id: str, since: float
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Failed attempts by template and category, and how many had a duration."""
+    categories: dict[str, dict[str, int]] = {}
+    timed: dict[str, int] = {}
+    rows = conn.execute(
+        "SELECT form_template_id, error_category, COUNT(*), COUNT(duration_ms)"
+        " FROM attempts WHERE started_at >= ?"
+        " AND form_template_id IN (SELECT id FROM templates WHERE user_id = ?)"
+        " GROUP BY form_template_id, error_category",
+        (since, user_id),
+    )
+    for template_id, category, count, with_duration in rows:
+        timed[template_id] = timed.get(template_id, 0) + with_duration
+        if category is not None:
+            categories.setdefault(template_id, {})[category] = count
+    return categories, timed
+
+
+def _percentiles(
+    conn: sqlite3.Connection, template_id: str, since: float, count: int | None
+) -> Percentiles:
+    """Nearest-rank percentiles of the durations of attempts since `since`.
+
+    Each one walks the template's attempts in order of duration and stops at
+    rank ceil(p * count / 100), so nothing is sorted or read into Python.
+    Limit: the walk also passes attempts older than `since`, so its cost
+    grows with the template's whole kept history.
+    """
+    if not count:
+        return Percentiles()
+    found = []
+    for percent in PERCENTILES:
+        rank = -(-percent * count // 100)
+        # `+started_at` keeps the planner on the index ordered by duration.
+        row = conn.execute(
+            "SELECT duration_ms FROM attempts WHERE form_template_id = ?"
+            " AND duration_ms IS NOT NULL AND +started_at >= ?"
+            " ORDER BY duration_ms LIMIT 1 OFFSET ?",
+            (template_id, since, rank - 1),
+        ).fetchone()
+        found.append(None if row is None else row[0])
+
+    return Percentiles(p50=found[0], p95=found[1], p99=found[2])
+
+
+def _empty_hours(now: float) -> list[HourFigures]:
+    first = now - HOURS_SHOWN * HOUR_SECONDS
+    return [
+        HourFigures(start=format_time(first + hour * HOUR_SECONDS) or "")
+        for hour in range(HOURS_SHOWN)
+    ]
+
+
+def _hourly(
+    conn: sqlite3.Connection, user_id: str, now: float
+) -> dict[str, list[HourFigures]]:
+    """Attempts per hour over the 24 hours before `now`, per template."""
+    first = now - HOURS_SHOWN * HOUR_SECONDS
+    found: dict[str, list[HourFigures]] = {}
+    rows = conn.execute(
+        "SELECT form_template_id, CAST((started_at - ?) / ? AS INTEGER) AS hour,"
+        " SUM(outcome = 'success'), SUM(outcome != 'success') FROM attempts"
+        " WHERE started_at >= ? AND started_at < ?"
+        " AND form_template_id IN (SELECT id FROM templates WHERE user_id = ?)"
+        " GROUP BY form_template_id, hour",
+        (first, HOUR_SECONDS, first, now, user_id),
+    )
+    for template_id, hour, succeeded, failed in rows:
+        hours = found.setdefault(template_id, _empty_hours(now))
+        hours[hour].succeeded = succeeded
+        hours[hour].failed = failed
+    return found
+
+
+def user_queue(conn: sqlite3.Connection, user_id: str, now: float) -> QueueStats:
+    """A user's queued submissions that are due now, and the oldest one's wait."""
+    depth, oldest = conn.execute(
+        "SELECT COUNT(*), MIN(next_retry_at) FROM submissions"
+        " WHERE user_id = ? AND status IN ('pending', 'retrying')"
+        " AND next_retry_at <= ?",
+        (user_id, now),
+    ).fetchone()
+    age = None if oldest is None else max(0.0, now - oldest)
+    return QueueStats(depth=depth, oldest_due_age_seconds=age)
+
+
+def queue_depths(conn: sqlite3.Connection, now: float) -> tuple[dict[str, int], float]:
+    """Unfinished submissions of every user by state, and the oldest due one's wait.
+
+    Limit: the counts walk an index of every unfinished row, so a scrape costs
+    time in proportion to the backlog.
+    """
+    rows = conn.execute(
+        "SELECT status, COUNT(*) FROM submissions"
+        " WHERE status IN ('pending', 'retrying', 'processing') GROUP BY status"
+    )
+    depths = dict.fromkeys(("pending", "processing", "retrying"), 0)
+    depths.update(rows.fetchall())
+    oldest = conn.execute(
+        "SELECT MIN(next_retry_at) FROM submissions"
+        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
+        (now,),
+    ).fetchone()[0]
+    age = 0.0 if oldest is None else max(0.0, now - oldest)
+
+    return depths, age

@@ -38,6 +38,7 @@ from ptdaemon.mapping import (
 )
 from ptdaemon.models import (
     Method,
+    Stats,
     Status,
     Submission,
     SubmissionIn,
@@ -424,6 +425,10 @@ class Service:
         self.scheduler.push(now, sub.seq, sub.id)
         log.info("submission retried by user", extra={"submission_id": sub.id})
         return sub
+
+    async def stats(self, user: User, since: float) -> Stats:
+        now = wall_now()
+        return await self.store.read(lambda c: queries.stats(c, user.id, since, now))
 
     async def cancel(self, user: User, submission_id: str) -> Submission:
         now = wall_now()

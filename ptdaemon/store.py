@@ -110,6 +110,28 @@ MIGRATIONS: Final[list[str]] = [
     """
     CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
     """,
+    # 3: statistics. Attempts carry their submission's template, so figures per
+    # template need no join; the indexes cover each statistics query.
+    """
+    ALTER TABLE attempts ADD COLUMN form_template_id TEXT;
+    UPDATE attempts SET form_template_id = (
+        SELECT s.form_template_id FROM submissions AS s
+        WHERE s.id = attempts.submission_id
+    );
+    CREATE INDEX attempts_template_started ON attempts(
+        form_template_id, started_at, duration_ms, outcome, error_category
+    );
+    CREATE INDEX attempts_template_duration ON attempts(
+        form_template_id, duration_ms, started_at
+    );
+    CREATE INDEX submissions_user_template ON submissions(
+        user_id, form_template_id, status, created_at
+    );
+    CREATE INDEX submissions_user_due ON submissions(user_id, next_retry_at)
+        WHERE status IN ('pending', 'retrying');
+    CREATE INDEX submissions_unfinished ON submissions(status, next_retry_at)
+        WHERE status IN ('pending', 'retrying', 'processing');
+    """,
 ]
 
 

@@ -71,6 +71,7 @@ ROUTES: Final[list[tuple[str, str, str, str | None, int, dict[str, Any] | None]]
     ("get", "/v1/submissions/{id}/attempts", "Its attempts", None, 200, ITEMS),
     ("post", "/v1/submissions/{id}/retry", "Retry now", None, 202, OBJECT),
     ("post", "/v1/submissions/{id}/cancel", "Cancel", None, 200, OBJECT),
+    ("get", "/v1/stats", "Delivery statistics of own templates", None, 200, OBJECT),
 ]
 
 ERROR_CODES: Final = ("400", "401", "403", "404", "409", "413", "415", "422", "503")

@@ -31,12 +31,14 @@ from ptdaemon.models import (
     user_view,
 )
 from ptdaemon.redact import MASK, mask_target
+from ptdaemon.service import LATEST_TIME
 from ptdaemon.templates import convert
-from ptdaemon.timeutil import format_time
+from ptdaemon.timeutil import format_time, parse_time
 from ptdaemon.timeutil import now as wall_now
 
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 100
+DEFAULT_STATS_SECONDS: Final = 86400.0
 
 
 def template_view(
@@ -276,6 +278,31 @@ async def cancel_submission(request: web.Request) -> web.Response:
     return json_response(submission_view(sub))
 
 
+# -- statistics --------------------------------------------------------------
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    since = _since(request.query.get("since"))
+    stats = await service_of(request).stats(current_user(request), since)
+    return json_response(stats)
+
+
+def _since(text: str | None) -> float:
+    if text is None:
+        return wall_now() - DEFAULT_STATS_SECONDS
+    try:
+        since = parse_time(text)
+    except ValueError:
+        raise ServiceErrorResponse(
+            400, "bad_query", "since must be an RFC 3339 time with a UTC offset"
+        ) from None
+    if not 0 <= since <= LATEST_TIME:
+        raise ServiceErrorResponse(
+            400, "bad_query", "since must lie between 1970 and 9999"
+        )
+    return since
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -298,3 +325,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/submissions/{id}/attempts", list_attempts)
     app.router.add_post("/v1/submissions/{id}/retry", retry_submission)
     app.router.add_post("/v1/submissions/{id}/cancel", cancel_submission)
+    app.router.add_get("/v1/stats", get_stats)
