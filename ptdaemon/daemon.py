@@ -28,6 +28,7 @@ from ptdaemon.errors import (
     ServiceError,
     StoreError,
 )
+from ptdaemon.metrics import Metrics
 from ptdaemon.models import (
     Method,
     Status,
@@ -107,6 +108,7 @@ class Daemon:
         self._service: Service | None = None
         self._user: User | None = None
         self.listen_address: str | None = None
+        self.metrics = Metrics()
 
     @property
     def service(self) -> Service:
@@ -156,6 +158,7 @@ class Daemon:
         config = self.config
         # Storage first: everything else reads from it.
         self._store = store = await Store.open(state_dir / DB_NAME)
+        store.on_commit = self.metrics.committed
         self._dispatchers = build_dispatchers(config)
         self._engine = engine = Engine(
             store,
@@ -163,6 +166,7 @@ class Daemon:
             concurrency=config.dispatch.concurrency,
             per_destination=config.dispatch.per_host_concurrency,
             window=config.dispatch.heap_window,
+            metrics=self.metrics,
         )
         scheduler = engine.scheduler
         self._service = service = Service(
@@ -172,6 +176,7 @@ class Daemon:
             default_timeout_seconds=config.dispatch.timeout_seconds,
             base_dir=config.base_dir,
             templates_per_user=config.limits.templates_per_user,
+            metrics=self.metrics,
         )
 
         # Users and the templates of the config file.
@@ -219,7 +224,12 @@ class Daemon:
 
     async def _start_api(self, service: Service) -> None:
         api = self.config.api
-        self._app = build_app(service, max_body_bytes=api.max_body_bytes)
+        self._app = build_app(
+            service,
+            max_body_bytes=api.max_body_bytes,
+            metrics=self.metrics,
+            metrics_public=api.metrics_public,
+        )
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:

@@ -36,6 +36,7 @@ from ptdaemon.mapping import (
     map_payload,
     missing_required,
 )
+from ptdaemon.metrics import UNKNOWN_METHOD, Metrics
 from ptdaemon.models import (
     Method,
     Stats,
@@ -83,8 +84,10 @@ class Service:
         default_timeout_seconds: float,
         base_dir: Path,
         templates_per_user: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.scheduler = scheduler
         self.dispatchers = dispatchers
         self.rules = TemplateRules(
@@ -154,6 +157,8 @@ class Service:
                 code="invalid_state",
             )
         now = wall_now()
+        # Limit: these cancellations are not counted in the metrics of finished
+        # submissions, which go by method; the log line carries their number.
         cancelled = await self.store.write(
             lambda c: queries.delete_user(c, user_id, now)
         )
@@ -288,7 +293,7 @@ class Service:
     ) -> list[tuple[Submission, bool] | ServiceError]:
         """Validate each item alone; insert the valid ones in one transaction."""
         results: list[Any] = []
-        valid: list[tuple[int, queries.NewSubmission]] = []
+        valid: list[tuple[int, tuple[queries.NewSubmission, Method]]] = []
         for index, body in enumerate(bodies):
             try:
                 item = await self._new_submission(user, body, None)
@@ -304,19 +309,22 @@ class Service:
         return results
 
     async def _insert(
-        self, items: list[queries.NewSubmission]
+        self, items: list[tuple[queries.NewSubmission, Method]]
     ) -> list[tuple[Submission, bool] | ServiceError]:
-        results = await self.store.write(lambda c: queries.insert_submissions(c, items))
-        for result in results:
+        rows = [item for item, _ in items]
+        results = await self.store.write(lambda c: queries.insert_submissions(c, rows))
+        for result, (_, method) in zip(results, items, strict=True):
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]
                 assert sub.next_retry_at is not None
                 self.scheduler.push(sub.next_retry_at, sub.seq, sub.id)
+                self.metrics.submission_created(method)
         return results
 
     async def _new_submission(
         self, user: User, body: Any, header_key: str | None
-    ) -> queries.NewSubmission:
+    ) -> tuple[queries.NewSubmission, Method]:
+        """A new row to insert, and its template's method (for counting)."""
         spec: SubmissionIn = convert(body, SubmissionIn, "submission")
         key = spec.idempotency_key
         if header_key is not None:
@@ -363,7 +371,7 @@ class Service:
             }
             encoded = msgspec.json.encode(canonical, order="sorted")
             request_hash = hashlib.sha256(encoded).hexdigest()
-        return queries.NewSubmission(sub, request_hash)
+        return queries.NewSubmission(sub, request_hash), template.method
 
     async def _template_for_submission(self, user: User, template_id: str) -> Template:
         try:
@@ -436,6 +444,11 @@ class Service:
             lambda c: queries.cancel_submission(c, submission_id, user.id, now)
         )
         log.info("submission cancelled", extra={"submission_id": sub.id})
+        template = await self.store.read(
+            lambda c: queries.get_template(c, sub.form_template_id, user.id)
+        )
+        method = template.method.value if template else UNKNOWN_METHOD
+        self.metrics.submission_finished(method, Status.CANCELLED.value)
         return sub
 
 

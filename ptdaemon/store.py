@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,8 @@ class Store:
         self._closing = False
         self.commits = 0
         self.committed_ops = 0
+        # Called after each group commit with its duration and size.
+        self.on_commit: Callable[[float, int], None] | None = None
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -254,6 +257,7 @@ class Store:
     async def _commit_group(self, ops: list[_Op]) -> None:
         assert self._writer is not None
         raw = self._writer._conn
+        started = time.perf_counter()
         try:
             results: list[tuple[bool, Any]] = await _on_thread(
                 self._writer, _run_group, raw, [op.fn for op in ops]
@@ -267,6 +271,8 @@ class Store:
             return
         self.commits += 1
         self.committed_ops += len(ops)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(ops))
         for op, (ok, value) in zip(ops, results, strict=True):
             if op.future.done():
                 continue

@@ -39,6 +39,7 @@ ROUTES: Final[list[tuple[str, str, str, str | None, int, dict[str, Any] | None]]
     ("get", "/healthz", "Liveness", None, 200, OBJECT),
     ("get", "/readyz", "Readiness: database writable", None, 200, OBJECT),
     ("get", "/v1/openapi.json", "This document", None, 200, OBJECT),
+    ("get", "/metrics", "Prometheus metrics (admin)", None, 200, None),
     ("post", "/v1/users", "Create a user (admin)", "UserIn", 201, OBJECT),
     ("get", "/v1/users", "List users (admin)", None, 200, ITEMS),
     ("delete", "/v1/users/{id}", "Revoke a user (admin)", None, 204, None),

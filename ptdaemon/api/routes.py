@@ -10,6 +10,8 @@ from aiohttp import web
 
 from ptdaemon import queries
 from ptdaemon.api.app import (
+    METRICS_KEY,
+    METRICS_PUBLIC_KEY,
     STATE_KEY,
     ServiceErrorResponse,
     current_user,
@@ -20,7 +22,8 @@ from ptdaemon.api.app import (
     shutting_down,
 )
 from ptdaemon.api.openapi import openapi_document
-from ptdaemon.errors import ServiceError
+from ptdaemon.errors import ForbiddenError, ServiceError
+from ptdaemon.metrics import CONTENT_TYPE
 from ptdaemon.models import (
     BatchIn,
     RotateIn,
@@ -80,6 +83,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text; an admin's token unless the config makes it public."""
+    if not request.app[METRICS_PUBLIC_KEY] and not current_user(request).admin:
+        raise ForbiddenError("only an admin can read the metrics")
+    registry = request.app[METRICS_KEY]
+    now = wall_now()
+    depths, oldest = await service_of(request).store.read(
+        lambda conn: queries.queue_depths(conn, now)
+    )
+    registry.set_queue(depths, oldest)
+    return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- users -------------------------------------------------------------------
@@ -307,6 +323,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/users", create_user)
     app.router.add_get("/v1/users", list_users)
     app.router.add_delete("/v1/users/{id}", delete_user)
