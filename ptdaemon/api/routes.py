@@ -9,6 +9,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ptdaemon import queries
+from ptdaemon.api import ui
 from ptdaemon.api.app import (
     METRICS_KEY,
     METRICS_PUBLIC_KEY,
@@ -25,13 +26,24 @@ from ptdaemon.api.openapi import openapi_document
 from ptdaemon.errors import ForbiddenError, ServiceError
 from ptdaemon.metrics import CONTENT_TYPE
 from ptdaemon.models import (
+    AttemptList,
     BatchIn,
+    BatchOut,
+    ErrorDetail,
+    ErrorOut,
+    HealthOut,
+    PreviewOut,
     RotateIn,
+    SecretOut,
     Status,
+    SubmissionPage,
     Template,
-    attempt_view,
-    submission_view,
-    user_view,
+    TemplateList,
+    TemplateOut,
+    UserList,
+    attempt_out,
+    submission_out,
+    user_out,
 )
 from ptdaemon.redact import MASK, mask_target
 from ptdaemon.service import LATEST_TIME
@@ -44,33 +56,31 @@ DEFAULT_LIMIT: Final = 100
 DEFAULT_STATS_SECONDS: Final = 86400.0
 
 
-def template_view(
-    template: Template, shown_secret: str | None = None
-) -> dict[str, Any]:
+def template_view(template: Template, shown_secret: str | None = None) -> TemplateOut:
     secret = shown_secret or (MASK if template.signing_secret else None)
-    return {
-        "id": template.id,
-        "name": template.name,
-        "method": template.method.value,
-        "target": mask_target(template.target),
-        "field_map": template.field_map,
-        "required_fields": template.required_fields,
-        "max_retries": template.max_retries,
-        "retry_backoff_seconds": template.retry_backoff_seconds,
-        "retry_backoff_max_seconds": template.retry_backoff_max_seconds,
-        "retry_jitter": template.retry_jitter,
-        "timeout_seconds": template.timeout_seconds,
-        "signing_secret": secret,
-        "created_at": format_time(template.created_at),
-        "updated_at": format_time(template.updated_at),
-    }
+    return TemplateOut(
+        id=template.id,
+        name=template.name,
+        method=template.method,
+        target=mask_target(template.target),
+        field_map=template.field_map,
+        required_fields=template.required_fields,
+        max_retries=template.max_retries,
+        retry_backoff_seconds=template.retry_backoff_seconds,
+        retry_backoff_max_seconds=template.retry_backoff_max_seconds,
+        retry_jitter=template.retry_jitter,
+        timeout_seconds=template.timeout_seconds,
+        signing_secret=secret,
+        created_at=format_time(template.created_at) or "",
+        updated_at=format_time(template.updated_at) or "",
+    )
 
 
 # -- health ------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(HealthOut("ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -78,7 +88,7 @@ async def readyz(request: web.Request) -> web.Response:
         return shutting_down()
     store = service_of(request).store
     await store.write(lambda conn: queries.write_probe(conn, wall_now()))
-    return json_response({"status": "ready"})
+    return json_response(HealthOut("ready"))
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -104,12 +114,12 @@ async def metrics(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     body = await read_json(request)
     user, token = await service_of(request).create_user(current_user(request), body)
-    return json_response(user_view(user, token), status=201)
+    return json_response(user_out(user, token), status=201)
 
 
 async def list_users(request: web.Request) -> web.Response:
     users = await service_of(request).list_users(current_user(request))
-    return json_response({"items": [user_view(u) for u in users]})
+    return json_response(UserList([user_out(u) for u in users]))
 
 
 async def delete_user(request: web.Request) -> web.Response:
@@ -121,7 +131,7 @@ async def delete_user(request: web.Request) -> web.Response:
 async def rotate_token(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"], "user")
     user, token = await service_of(request).rotate_token(current_user(request), user_id)
-    return json_response(user_view(user, token))
+    return json_response(user_out(user, token))
 
 
 # -- templates ---------------------------------------------------------------
@@ -137,7 +147,7 @@ async def create_template(request: web.Request) -> web.Response:
 
 async def list_templates(request: web.Request) -> web.Response:
     templates = await service_of(request).list_templates(current_user(request))
-    return json_response({"items": [template_view(t) for t in templates]})
+    return json_response(TemplateList([template_view(t) for t in templates]))
 
 
 async def get_template(request: web.Request) -> web.Response:
@@ -169,7 +179,7 @@ async def preview_template(request: web.Request) -> web.Response:
     payload = await service_of(request).preview(
         current_user(request), template_id, body
     )
-    return json_response({"payload": payload})
+    return json_response(PreviewOut(payload))
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
@@ -179,7 +189,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     secret = await service_of(request).rotate_secret(
         current_user(request), template_id, rotation.grace_seconds
     )
-    return json_response({"signing_secret": secret})
+    return json_response(SecretOut(secret))
 
 
 # -- submissions -------------------------------------------------------------
@@ -191,7 +201,7 @@ async def create_submission(request: web.Request) -> web.Response:
     sub, created = await service_of(request).create_submission(
         current_user(request), body, header_key=header_key
     )
-    return json_response(submission_view(sub), status=202 if created else 200)
+    return json_response(submission_out(sub), status=202 if created else 200)
 
 
 async def create_batch(request: web.Request) -> web.Response:
@@ -201,11 +211,11 @@ async def create_batch(request: web.Request) -> web.Response:
     items: list[Any] = []
     for result in results:
         if isinstance(result, ServiceError):
-            items.append({"error": _error_fields(result)})
+            items.append(ErrorOut(ErrorDetail(**_error_fields(result))))
         else:
-            items.append(submission_view(result[0]))
+            items.append(submission_out(result[0]))
     any_valid = any(not isinstance(r, ServiceError) for r in results)
-    return json_response({"items": items}, status=202 if any_valid else 422)
+    return json_response(BatchOut(items), status=202 if any_valid else 422)
 
 
 def _error_fields(exc: ServiceError) -> dict[str, Any]:
@@ -226,9 +236,7 @@ async def list_submissions(request: web.Request) -> web.Response:
         limit=limit,
     )
     next_cursor = _encode_cursor(subs[-1].seq) if more else None
-    return json_response(
-        {"items": [submission_view(s) for s in subs], "next_cursor": next_cursor}
-    )
+    return json_response(SubmissionPage([submission_out(s) for s in subs], next_cursor))
 
 
 def _status_filter(text: str | None) -> Status | None:
@@ -271,27 +279,27 @@ def _decode_cursor(text: str | None) -> int | None:
 async def get_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     sub = await service_of(request).get_submission(current_user(request), sub_id)
-    return json_response(submission_view(sub))
+    return json_response(submission_out(sub))
 
 
 async def list_attempts(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     attempts = await service_of(request).list_attempts(current_user(request), sub_id)
-    return json_response({"items": [attempt_view(a) for a in attempts]})
+    return json_response(AttemptList([attempt_out(a) for a in attempts]))
 
 
 async def retry_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     await read_json(request, optional=True)
     sub = await service_of(request).retry(current_user(request), sub_id)
-    return json_response(submission_view(sub), status=202)
+    return json_response(submission_out(sub), status=202)
 
 
 async def cancel_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     await read_json(request, optional=True)
     sub = await service_of(request).cancel(current_user(request), sub_id)
-    return json_response(submission_view(sub))
+    return json_response(submission_out(sub))
 
 
 # -- statistics --------------------------------------------------------------
@@ -343,3 +351,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/submissions/{id}/retry", retry_submission)
     app.router.add_post("/v1/submissions/{id}/cancel", cancel_submission)
     app.router.add_get("/v1/stats", get_stats)
+    ui.add_routes(app)
