@@ -101,6 +101,7 @@ TARGET_TYPES: dict[Method, type[Struct]] = {
 }
 
 Path = str | list[str]
+FieldMap = dict[str, Path]
 Name = Annotated[
     str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
@@ -314,9 +315,14 @@ class TemplatePatch(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class PreviewIn(Struct, forbid_unknown_fields=True):
-    """Sample data to map with a template's rules, without sending it."""
+    """Sample data to map with a template's rules, without sending it.
+
+    `field_map`, when given, is tried in place of the template's own map
+    (an editor's unsaved change); nothing is saved.
+    """
 
     data: dict[str, Any]
+    field_map: FieldMap | None = None
 
 
 class PreviewOut(Struct):

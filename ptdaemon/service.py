@@ -31,6 +31,7 @@ from ptdaemon.errors import (
     ServiceError,
 )
 from ptdaemon.mapping import (
+    check_paths,
     form_pairs,
     json_depth,
     map_payload,
@@ -38,6 +39,7 @@ from ptdaemon.mapping import (
 )
 from ptdaemon.metrics import UNKNOWN_METHOD, Metrics
 from ptdaemon.models import (
+    FieldMap,
     Method,
     Stats,
     Status,
@@ -249,6 +251,11 @@ class Service:
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             raise InvalidError('preview needs {"data": {...}}')
         data = body["data"]
+        field_map = template.field_map
+        if body.get("field_map") is not None:
+            # A map being edited, tried on the sample before it is saved.
+            field_map = convert(body["field_map"], FieldMap, "field_map")
+            check_paths(field_map, [])
         missing = missing_required(data, template.required_fields)
         if missing:
             raise InvalidError(
@@ -256,7 +263,7 @@ class Service:
                 code="missing_required_fields",
                 details={"fields": missing},
             )
-        payload = map_payload(data, template.field_map)
+        payload = map_payload(data, field_map)
         _check_encodable(template, payload)
         return payload
 

@@ -169,6 +169,14 @@ async def exercise_templates(check: Checker, sink_url: str) -> dict[str, Any]:
     preview = {"data": {"name": "Ada", "address": {"zip": "N1"}}}
     status, shown = await check.call("POST", f"/v1/templates/{tid}/preview", preview)
     assert (status, shown) == (200, {"payload": {"who": "Ada", "zip": "N1"}})
+    trial = {**preview, "field_map": {"postcode": ["address", "zip"]}}
+    status, shown = await check.call("POST", f"/v1/templates/{tid}/preview", trial)
+    assert (status, shown) == (200, {"payload": {"postcode": "N1"}})
+    bad_map = {**preview, "field_map": {"x": 5}}
+    path = f"/v1/templates/{tid}/preview"
+    assert (await check.call("POST", path, bad_map))[0] == 422
+    status, still = await check.call("GET", f"/v1/templates/{tid}")
+    assert still["field_map"] == patch["field_map"]
     assert (await check.call("POST", f"/v1/templates/{tid}/rotate-secret"))[0] == 200
     return {"id": tid, "custom": custom}
 
