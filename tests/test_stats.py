@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from ptdaemon import queries
-from ptdaemon.models import Stats
+from ptdaemon.models import ErrorCategory, Stats
 from tests.stats_data import NOW, Seeded, make_rows, write_rows
 
 SINCE = NOW - 86400.0
@@ -168,14 +168,20 @@ def test_a_user_without_templates_gets_an_empty_list(
     assert found["queue"] == {"depth": 0, "oldest_due_age_seconds": None}
 
 
+def test_every_error_category_has_its_column():
+    assert set(queries.CATEGORY_ORDER) == set(ErrorCategory)
+
+
 def test_stats_queries_use_their_indexes(seeded: tuple[Seeded, Path]) -> None:
     _, path = seeded
     conn = sqlite3.connect(path)
     plan = conn.execute(
-        "EXPLAIN QUERY PLAN SELECT form_template_id, status, COUNT(*) FROM"
-        " submissions WHERE user_id = ? AND created_at >= ?"
-        " GROUP BY form_template_id, status",
-        ("u", SINCE),
+        "EXPLAIN QUERY PLAN " + queries.STATUS_COUNTS_SQL, ("u", SINCE)
+    ).fetchall()
+    percentile = conn.execute(
+        "EXPLAIN QUERY PLAN " + queries.PERCENTILE_SQL, ("t", SINCE, 10)
     ).fetchall()
     conn.close()
     assert "COVERING INDEX submissions_user_template" in str(plan)
+    assert "COVERING INDEX attempts_template_duration" in str(percentile)
+    assert "TEMP B-TREE" not in str(percentile)
