@@ -7,6 +7,7 @@ GET /v1/stats, which is scoped to its caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import (
@@ -17,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
 
 from ptdaemon.models import Method
 
@@ -134,4 +136,22 @@ class Metrics:
 
     def render(self) -> bytes:
         """The registry in Prometheus text format 0.0.4."""
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """The registry less the `_created` timestamp series the client adds.
+
+    They double the output and no dashboard here reads them; the client's own
+    switch for this is process-wide, which would reach an embedding program.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [
+                s for s in family.samples if not s.name.endswith("_created")
+            ]
+            yield family

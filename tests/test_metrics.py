@@ -25,6 +25,15 @@ def test_content_type_is_text_format_0_0_4():
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
 
 
+def test_no_created_timestamp_series():
+    metrics = Metrics()
+    metrics.submission_created("API")
+
+    text = metrics.render().decode()
+
+    assert "_created" not in text.replace("ptdaemon_submissions_created_total", "")
+
+
 def test_known_series_start_at_zero():
     found = samples(Metrics())
 
