@@ -113,6 +113,8 @@ MIGRATIONS: Final[list[str]] = [
     """,
     # 3: statistics. Attempts carry their submission's template, so figures per
     # template need no join; the indexes cover each statistics query.
+    # Limit: on an existing database, filling the new column reads every
+    # attempt once, in the first start after the upgrade.
     """
     ALTER TABLE attempts ADD COLUMN form_template_id TEXT;
     UPDATE attempts SET form_template_id = (

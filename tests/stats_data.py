@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ptdaemon.models import Template
+from ptdaemon.models import Method, Template
 from ptdaemon.store import Store
 
 NOW: Final = 1_800_000_000.0
@@ -49,7 +49,7 @@ def _template_body(template_id: str, user_id: str, name: str) -> bytes:
         id=template_id,
         user_id=user_id,
         name=name,
-        method="API",  # type: ignore[arg-type]
+        method=Method.API,
         target={"url": "http://127.0.0.1:9/x"},
         field_map={},
         required_fields=[],

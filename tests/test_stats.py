@@ -185,3 +185,33 @@ def test_stats_queries_use_their_indexes(seeded: tuple[Seeded, Path]) -> None:
     assert "COVERING INDEX submissions_user_template" in str(plan)
     assert "COVERING INDEX attempts_template_duration" in str(percentile)
     assert "TEMP B-TREE" not in str(percentile)
+
+
+async def test_upgrade_gives_old_attempts_their_template(tmp_path: Path):
+    from ptdaemon.store import MIGRATIONS, Store
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute(
+        "INSERT INTO submissions (id, user_id, form_template_id, data, status,"
+        " max_retries, retry_backoff_seconds, retry_backoff_max_seconds,"
+        " retry_jitter, created_at, updated_at)"
+        " VALUES ('s1', 'u1', 't1', '{}', 'completed', 3, 60, 86400, 0, 1, 1)"
+    )
+    conn.execute(
+        "INSERT INTO attempts (submission_id, number, started_at, outcome)"
+        " VALUES ('s1', 1, 1, 'success')"
+    )
+    conn.commit()
+    conn.close()
+
+    store = await Store.open(path)
+    found = await store.read(
+        lambda c: c.execute("SELECT form_template_id FROM attempts").fetchall()
+    )
+    await store.close()
+
+    assert found == [("t1",)]
