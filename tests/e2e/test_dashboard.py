@@ -209,3 +209,28 @@ async def test_a_wrong_token_is_refused(start_daemon, browser):
     await expect(page.locator("#sign-in-error")).to_have_text("That token was refused.")
     await expect(page.locator("#tabs")).to_be_hidden()
     assert await page.evaluate("sessionStorage.getItem('ptdaemon.token')") is None
+
+
+async def test_cancel_a_scheduled_submission(start_daemon, sink, browser):
+    _, api = await start_daemon()
+    template = await api.template(
+        name="later", method="API", target={"url": sink.url("/later")}
+    )
+    sub = await api.submit(
+        template["id"], {"n": 1}, scheduled_at="2999-01-01T00:00:00Z"
+    )
+    page = await open_page(browser, api)
+    await sign_in(page, api.token)
+    await page.select_option("#filter-template", template["id"])
+    card = page.locator(f"li.card[data-id='{sub['id']}']")
+    await expect(card.locator(".badge")).to_have_text("pending")
+    await expect(card.get_by_role("button", name="Retry")).to_have_count(0)
+
+    await card.get_by_role("button", name="Cancel").click()
+
+    await expect(card.locator(".badge")).to_have_text("cancelled")
+    await expect(card.get_by_role("button", name="Cancel")).to_have_count(0)
+    assert (await api.ok("GET", f"/v1/submissions/{sub['id']}"))["status"] == (
+        "cancelled"
+    )
+    assert sink.seen("/later") == []
