@@ -644,10 +644,22 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
 HOUR_SECONDS: Final = 3600.0
 HOURS_SHOWN: Final = 24
 PERCENTILES: Final = (50, 95, 99)
-HOUR_SQL: Final = (
-    "SELECT COUNT(*), SUM(outcome = 'success') FROM attempts"
-    " WHERE form_template_id = ? AND started_at >= ? AND started_at < ?"
-)
+# For each template and hour, two counts over a range of the (template,
+# started_at) index: no attempt is sorted or grouped, whatever the volume.
+HOURLY_SQL: Final = """
+    WITH RECURSIVE
+        hours(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM hours WHERE i < :last),
+        mine(id) AS (SELECT id FROM templates WHERE user_id = :user)
+    SELECT mine.id, hours.i,
+        (SELECT COUNT(*) FROM attempts WHERE form_template_id = mine.id
+            AND started_at >= :first + hours.i * :hour
+            AND started_at < :first + (hours.i + 1) * :hour),
+        (SELECT COUNT(*) FROM attempts WHERE form_template_id = mine.id
+            AND outcome = 'success'
+            AND started_at >= :first + hours.i * :hour
+            AND started_at < :first + (hours.i + 1) * :hour)
+    FROM mine, hours
+"""
 STATUS_COUNTS_SQL: Final = (
     "SELECT form_template_id, status, COUNT(*) FROM submissions"
     " WHERE user_id = ? AND created_at >= ? GROUP BY form_template_id, status"
@@ -669,7 +681,8 @@ def stats(conn: sqlite3.Connection, user_id: str, since: float, now: float) -> S
     ).fetchall()
     counts = _status_counts(conn, user_id, since)
     categories, timed = _attempt_figures(conn, user_id, since)
-    hourly = _hourly(conn, [row[0] for row in templates], now)
+    starts = _hour_starts(now)
+    hourly = _hourly(conn, user_id, now, starts)
     items = [
         TemplateStats(
             id=template_id,
@@ -678,7 +691,7 @@ def stats(conn: sqlite3.Connection, user_id: str, since: float, now: float) -> S
             success_rate=_success_rate(counts.get(template_id)),
             duration_ms=_percentiles(conn, template_id, since, timed.get(template_id)),
             error_categories=categories.get(template_id, {}),
-            hourly=hourly[template_id],
+            hourly=hourly.get(template_id) or _empty_hours(starts),
         )
         for template_id, name in templates
     ]
@@ -762,34 +775,34 @@ def _percentiles(
     return Percentiles(p50=found[0], p95=found[1], p99=found[2])
 
 
-def _empty_hours(now: float) -> list[HourFigures]:
+def _hour_starts(now: float) -> list[str]:
     first = now - HOURS_SHOWN * HOUR_SECONDS
     return [
-        HourFigures(start=format_time(first + hour * HOUR_SECONDS) or "")
-        for hour in range(HOURS_SHOWN)
+        format_time(first + hour * HOUR_SECONDS) or "" for hour in range(HOURS_SHOWN)
     ]
 
 
-def _hourly(
-    conn: sqlite3.Connection, template_ids: list[str], now: float
-) -> dict[str, list[HourFigures]]:
-    """Attempts per hour over the 24 hours before `now`, per template.
+def _empty_hours(starts: list[str]) -> list[HourFigures]:
+    return [HourFigures(start=start) for start in starts]
 
-    One range count per hour on the (template, started_at) index: cheaper
-    than grouping every attempt of the day by a computed hour.
-    """
-    first = now - HOURS_SHOWN * HOUR_SECONDS
+
+def _hourly(
+    conn: sqlite3.Connection, user_id: str, now: float, starts: list[str]
+) -> dict[str, list[HourFigures]]:
+    """Attempts per hour over the 24 hours before `now`, per template."""
     found: dict[str, list[HourFigures]] = {}
-    for template_id in template_ids:
-        hours = _empty_hours(now)
-        for index, hour in enumerate(hours):
-            start = first + index * HOUR_SECONDS
-            total, succeeded = conn.execute(
-                HOUR_SQL, (template_id, start, start + HOUR_SECONDS)
-            ).fetchone()
-            hour.succeeded = succeeded or 0
-            hour.failed = total - hour.succeeded
-        found[template_id] = hours
+    params = {
+        "user": user_id,
+        "first": now - HOURS_SHOWN * HOUR_SECONDS,
+        "hour": HOUR_SECONDS,
+        "last": HOURS_SHOWN - 1,
+    }
+    for template_id, index, total, succeeded in conn.execute(HOURLY_SQL, params):
+        hours = found.get(template_id)
+        if hours is None:
+            hours = found[template_id] = _empty_hours(starts)
+        hours[index].succeeded = succeeded
+        hours[index].failed = total - succeeded
     return found
 
 
