@@ -29,6 +29,7 @@ from ptdaemon.errors import (
     ServiceError,
     StoreError,
 )
+from ptdaemon.metrics import Metrics
 from ptdaemon.models import (
     Method,
     Status,
@@ -110,6 +111,7 @@ class Daemon:
         self._service: Service | None = None
         self._user: User | None = None
         self.listen_address: str | None = None
+        self.metrics = Metrics()
 
     @property
     def service(self) -> Service:
@@ -160,6 +162,7 @@ class Daemon:
         config = self.config
         # Storage first: everything else reads from it.
         self._store = store = await Store.open(state_dir / DB_NAME)
+        store.on_commit = self.metrics.committed
         self._dispatchers = build_dispatchers(config, resolver=self._resolver)
         self._engine = engine = Engine(
             store,
@@ -167,6 +170,7 @@ class Daemon:
             concurrency=config.dispatch.concurrency,
             per_destination=config.dispatch.per_host_concurrency,
             window=config.dispatch.heap_window,
+            metrics=self.metrics,
         )
         scheduler = engine.scheduler
         self._service = service = Service(
@@ -177,6 +181,7 @@ class Daemon:
             base_dir=config.base_dir,
             templates_per_user=config.limits.templates_per_user,
             unfinished_per_user=config.limits.unfinished_per_user,
+            metrics=self.metrics,
         )
 
         # Users and the templates of the config file.
@@ -229,6 +234,8 @@ class Daemon:
             max_body_bytes=api.max_body_bytes,
             rate_per_second=api.rate_per_second,
             rate_burst=api.rate_burst,
+            metrics=self.metrics,
+            metrics_public=api.metrics_public,
         )
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()

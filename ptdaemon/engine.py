@@ -22,6 +22,7 @@ from ptdaemon import queries, retry
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
 from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
+from ptdaemon.metrics import UNKNOWN_METHOD, Metrics
 from ptdaemon.models import (
     Attempt,
     ErrorCategory,
@@ -42,6 +43,7 @@ TIMEOUT_GRACE_SECONDS: Final = 1.0
 # database.
 STORAGE_RETRY_SECONDS: Final = 1.0
 INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
+FINAL_STATES: Final = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
 @dataclass
@@ -71,8 +73,10 @@ class Engine:
         per_destination: int,
         window: int = 10000,
         clock: Callable[[], float] = wall_now,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self.scheduler = Scheduler(self.load_window, window=window, clock=clock)
         self._dispatchers = dispatchers
         self._slots = asyncio.Semaphore(concurrency)
@@ -256,12 +260,16 @@ class Engine:
         if claim is None:
             return
         sub = claim.submission
+        method = claim.template.method.value if claim.template else UNKNOWN_METHOD
+        self._metrics.in_flight.inc()
         try:
             result: Result | DeliveryError = await self._deliver(claim, started_at)
         except asyncio.CancelledError:
-            await self._finish(sub, claim.attempt, started_at, None)
+            await self._finish(sub, claim.attempt, started_at, None, method)
             raise
-        await self._finish(sub, claim.attempt, started_at, result)
+        finally:
+            self._metrics.in_flight.dec()
+        await self._finish(sub, claim.attempt, started_at, result, method)
 
     async def _deliver(
         self, claim: queries.Claim, started_at: float
@@ -354,15 +362,26 @@ class Engine:
         number: int,
         started_at: float,
         result: Result | DeliveryError | None,
+        method: str,
     ) -> None:
         ended_at = self._clock()
         finish = build_finish(sub, number, started_at, ended_at, result)
         status = await self._record(finish)
         if status is None:
             return
+        self._count(finish.attempt, status, method, ended_at - started_at)
         if status is Status.RETRYING and finish.next_retry_at is not None:
             self.scheduler.push(finish.next_retry_at, sub.seq, sub.id)
         _log_attempt(sub, finish.attempt, status)
+
+    def _count(
+        self, attempt: Attempt, status: Status, method: str, seconds: float
+    ) -> None:
+        outcome = attempt.outcome.value
+        category = attempt.error_category
+        self._metrics.attempt_finished(method, outcome, category, max(0.0, seconds))
+        if status in FINAL_STATES:
+            self._metrics.submission_finished(method, status.value)
 
 
 def _queued_template(

@@ -25,13 +25,20 @@ from ptdaemon.errors import (
 from ptdaemon.models import (
     Attempt,
     ErrorCategory,
+    HourFigures,
     Outcome,
+    Percentiles,
+    QueueStats,
+    Stats,
     Status,
+    StatusCounts,
     Submission,
     Template,
+    TemplateStats,
     User,
 )
 from ptdaemon.store import decode_json, encode_json
+from ptdaemon.timeutil import format_time
 
 SUBMISSION_COLUMNS: Final = (
     "id, seq, user_id, form_template_id, data, status, retry_count, "
@@ -627,8 +634,9 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
 def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
     conn.execute(
         "INSERT INTO attempts (submission_id, number, started_at, duration_ms,"
-        " outcome, status, error_category, error_message, error_details, reply)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+        " outcome, status, error_category, error_message, error_details, reply,"
+        " form_template_id) VALUES (?,?,?,?,?,?,?,?,?,?,"
+        " (SELECT form_template_id FROM submissions WHERE id = ?))",
         (
             attempt.submission_id,
             attempt.number,
@@ -640,6 +648,7 @@ def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
             attempt.error_message,
             encode_json(attempt.error_details),
             attempt.reply,
+            attempt.submission_id,
         ),
     )
 
@@ -650,3 +659,204 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
         " WHERE status = 'processing'"
     ).fetchall()
     return [_submission(row) for row in rows]
+
+
+# -- statistics --------------------------------------------------------------
+
+HOUR_SECONDS: Final = 3600.0
+HOURS_SHOWN: Final = 24
+PERCENTILES: Final = (50, 95, 99)
+# For each template and hour, two counts over a range of the (template,
+# started_at) index: no attempt is sorted or grouped, whatever the volume.
+HOURLY_SQL: Final = """
+    WITH RECURSIVE
+        hours(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM hours WHERE i < :last),
+        mine(id) AS (SELECT id FROM templates WHERE user_id = :user)
+    SELECT mine.id, hours.i,
+        (SELECT COUNT(*) FROM attempts WHERE form_template_id = mine.id
+            AND started_at >= :first + hours.i * :hour
+            AND started_at < :first + (hours.i + 1) * :hour),
+        (SELECT COUNT(*) FROM attempts WHERE form_template_id = mine.id
+            AND outcome = 'success'
+            AND started_at >= :first + hours.i * :hour
+            AND started_at < :first + (hours.i + 1) * :hour)
+    FROM mine, hours
+"""
+STATUS_COUNTS_SQL: Final = (
+    "SELECT form_template_id, status, COUNT(*) FROM submissions"
+    " WHERE user_id = ? AND created_at >= ? GROUP BY form_template_id, status"
+)
+# The duration at one rank. `+started_at` keeps the planner on the index
+# ordered by duration, so the walk stops at the rank without sorting.
+PERCENTILE_SQL: Final = (
+    "SELECT duration_ms FROM attempts WHERE form_template_id = ?"
+    " AND duration_ms IS NOT NULL AND +started_at >= ?"
+    " ORDER BY duration_ms LIMIT 1 OFFSET ?"
+)
+
+
+def stats(conn: sqlite3.Connection, user_id: str, since: float, now: float) -> Stats:
+    """The delivery statistics of one user's templates (GET /v1/stats)."""
+    templates = conn.execute(
+        "SELECT id, name FROM templates WHERE user_id = ? ORDER BY created_at, id",
+        (user_id,),
+    ).fetchall()
+    counts = _status_counts(conn, user_id, since)
+    categories, timed = _attempt_figures(conn, user_id, since)
+    starts = _hour_starts(now)
+    hourly = _hourly(conn, user_id, now, starts)
+    items = [
+        TemplateStats(
+            id=template_id,
+            name=name,
+            counts=counts.get(template_id, StatusCounts()),
+            success_rate=_success_rate(counts.get(template_id)),
+            duration_ms=_percentiles(conn, template_id, since, timed.get(template_id)),
+            error_categories=categories.get(template_id, {}),
+            hourly=hourly.get(template_id) or _empty_hours(starts),
+        )
+        for template_id, name in templates
+    ]
+
+    return Stats(
+        since=format_time(since) or "",
+        queue=user_queue(conn, user_id, now),
+        templates=items,
+    )
+
+
+def _status_counts(
+    conn: sqlite3.Connection, user_id: str, since: float
+) -> dict[str, StatusCounts]:
+    counts: dict[str, StatusCounts] = {}
+    rows = conn.execute(STATUS_COUNTS_SQL, (user_id, since))
+    for template_id, status, count in rows:
+        setattr(counts.setdefault(template_id, StatusCounts()), status, count)
+    return counts
+
+
+def _success_rate(counts: StatusCounts | None) -> float | None:
+    if counts is None or counts.completed + counts.failed == 0:
+        return None
+    return counts.completed / (counts.completed + counts.failed)
+
+
+# One pass over a template's attempts in the index order of (template,
+# started_at): no sort. The categories are the five of ErrorCategory.
+ATTEMPT_FIGURES_SQL: Final = """
+    SELECT form_template_id, COUNT(duration_ms),
+        SUM(outcome != 'success' AND error_category = 'network'),
+        SUM(outcome != 'success' AND error_category = 'timeout'),
+        SUM(outcome != 'success' AND error_category = 'remote'),
+        SUM(outcome != 'success' AND error_category = 'validation'),
+        SUM(outcome != 'success' AND error_category = 'system')
+    FROM attempts
+    WHERE started_at >= ?
+        AND form_template_id IN (SELECT id FROM templates WHERE user_id = ?)
+    GROUP BY form_template_id
+"""
+CATEGORY_ORDER: Final = ("network", "timeout", "remote", "validation", "system")
+
+
+def _attempt_figures(
+    conn: sqlite3.Connection, user_id: str, since: float
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Failed attempts by template and category, and how many had a duration."""
+    categories: dict[str, dict[str, int]] = {}
+    timed: dict[str, int] = {}
+    for template_id, with_duration, *counts in conn.execute(
+        ATTEMPT_FIGURES_SQL, (since, user_id)
+    ):
+        timed[template_id] = with_duration
+        categories[template_id] = {
+            name: count
+            for name, count in zip(CATEGORY_ORDER, counts, strict=True)
+            if count
+        }
+    return categories, timed
+
+
+def _percentiles(
+    conn: sqlite3.Connection, template_id: str, since: float, count: int | None
+) -> Percentiles:
+    """Nearest-rank percentiles of the durations of attempts since `since`.
+
+    Each one walks the template's attempts in order of duration and stops at
+    rank ceil(p * count / 100), so nothing is sorted or read into Python.
+    Limit: the walk also passes attempts older than `since`, so its cost
+    grows with the template's whole kept history.
+    """
+    if not count:
+        return Percentiles()
+    found = []
+    for percent in PERCENTILES:
+        rank = -(-percent * count // 100)
+        row = conn.execute(PERCENTILE_SQL, (template_id, since, rank - 1)).fetchone()
+        found.append(None if row is None else row[0])
+
+    return Percentiles(p50=found[0], p95=found[1], p99=found[2])
+
+
+def _hour_starts(now: float) -> list[str]:
+    first = now - HOURS_SHOWN * HOUR_SECONDS
+    return [
+        format_time(first + hour * HOUR_SECONDS) or "" for hour in range(HOURS_SHOWN)
+    ]
+
+
+def _empty_hours(starts: list[str]) -> list[HourFigures]:
+    return [HourFigures(start=start) for start in starts]
+
+
+def _hourly(
+    conn: sqlite3.Connection, user_id: str, now: float, starts: list[str]
+) -> dict[str, list[HourFigures]]:
+    """Attempts per hour over the 24 hours before `now`, per template."""
+    found: dict[str, list[HourFigures]] = {}
+    params = {
+        "user": user_id,
+        "first": now - HOURS_SHOWN * HOUR_SECONDS,
+        "hour": HOUR_SECONDS,
+        "last": HOURS_SHOWN - 1,
+    }
+    for template_id, index, total, succeeded in conn.execute(HOURLY_SQL, params):
+        hours = found.get(template_id)
+        if hours is None:
+            hours = found[template_id] = _empty_hours(starts)
+        hours[index].succeeded = succeeded
+        hours[index].failed = total - succeeded
+    return found
+
+
+def user_queue(conn: sqlite3.Connection, user_id: str, now: float) -> QueueStats:
+    """A user's queued submissions that are due now, and the oldest one's wait."""
+    depth, oldest = conn.execute(
+        "SELECT COUNT(*), MIN(next_retry_at) FROM submissions"
+        " WHERE user_id = ? AND status IN ('pending', 'retrying')"
+        " AND next_retry_at <= ?",
+        (user_id, now),
+    ).fetchone()
+    age = None if oldest is None else max(0.0, now - oldest)
+    return QueueStats(depth=depth, oldest_due_age_seconds=age)
+
+
+def queue_depths(conn: sqlite3.Connection, now: float) -> tuple[dict[str, int], float]:
+    """Unfinished submissions of every user by state, and the oldest due one's wait.
+
+    Limit: the counts walk an index of every unfinished row, so a scrape costs
+    time in proportion to the backlog.
+    """
+    rows = conn.execute(
+        "SELECT status, COUNT(*) FROM submissions"
+        " WHERE status IN ('pending', 'retrying', 'processing') GROUP BY status"
+    )
+    depths = dict.fromkeys(("pending", "processing", "retrying"), 0)
+    depths.update(rows.fetchall())
+    oldest = conn.execute(
+        "SELECT MIN(next_retry_at) FROM submissions"
+        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
+        (now,),
+    ).fetchone()[0]
+    age = 0.0 if oldest is None else max(0.0, now - oldest)
+
+    return depths, age

@@ -31,13 +31,17 @@ from ptdaemon.errors import (
     ServiceError,
 )
 from ptdaemon.mapping import (
+    check_paths,
     form_pairs,
     json_depth,
     map_payload,
     missing_required,
 )
+from ptdaemon.metrics import UNKNOWN_METHOD, Metrics
 from ptdaemon.models import (
+    FieldMap,
     Method,
+    Stats,
     Status,
     Submission,
     SubmissionIn,
@@ -83,8 +87,10 @@ class Service:
         base_dir: Path,
         templates_per_user: int,
         unfinished_per_user: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.scheduler = scheduler
         self.dispatchers = dispatchers
         self.rules = TemplateRules(
@@ -155,6 +161,8 @@ class Service:
                 code="invalid_state",
             )
         now = wall_now()
+        # Limit: these cancellations are not counted in the metrics of finished
+        # submissions, which go by method; the log line carries their number.
         cancelled = await self.store.write(
             lambda c: queries.delete_user(c, user_id, now)
         )
@@ -245,6 +253,11 @@ class Service:
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
             raise InvalidError('preview needs {"data": {...}}')
         data = body["data"]
+        field_map = template.field_map
+        if body.get("field_map") is not None:
+            # A map being edited, tried on the sample before it is saved.
+            field_map = convert(body["field_map"], FieldMap, "field_map")
+            check_paths(field_map, [])
         missing = missing_required(data, template.required_fields)
         if missing:
             raise InvalidError(
@@ -252,7 +265,7 @@ class Service:
                 code="missing_required_fields",
                 details={"fields": missing},
             )
-        payload = map_payload(data, template.field_map)
+        payload = map_payload(data, field_map)
         _check_encodable(template, payload)
         return payload
 
@@ -289,7 +302,7 @@ class Service:
     ) -> list[tuple[Submission, bool] | ServiceError]:
         """Validate each item alone; insert the valid ones in one transaction."""
         results: list[Any] = []
-        valid: list[tuple[int, queries.NewSubmission]] = []
+        valid: list[tuple[int, tuple[queries.NewSubmission, Method]]] = []
         for index, body in enumerate(bodies):
             try:
                 item = await self._new_submission(user, body, None)
@@ -305,22 +318,25 @@ class Service:
         return results
 
     async def _insert(
-        self, items: list[queries.NewSubmission]
+        self, items: list[tuple[queries.NewSubmission, Method]]
     ) -> list[tuple[Submission, bool] | ServiceError]:
+        rows = [item for item, _ in items]
         limit = self.unfinished_per_user
         results = await self.store.write(
-            lambda c: queries.insert_submissions(c, items, limit)
+            lambda c: queries.insert_submissions(c, rows, limit)
         )
-        for result in results:
+        for result, (_, method) in zip(results, items, strict=True):
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]
                 assert sub.next_retry_at is not None
                 self.scheduler.push(sub.next_retry_at, sub.seq, sub.id)
+                self.metrics.submission_created(method)
         return results
 
     async def _new_submission(
         self, user: User, body: Any, header_key: str | None
-    ) -> queries.NewSubmission:
+    ) -> tuple[queries.NewSubmission, Method]:
+        """A new row to insert, and its template's method (for counting)."""
         spec: SubmissionIn = convert(body, SubmissionIn, "submission")
         key = spec.idempotency_key
         if header_key is not None:
@@ -367,7 +383,7 @@ class Service:
             }
             encoded = msgspec.json.encode(canonical, order="sorted")
             request_hash = hashlib.sha256(encoded).hexdigest()
-        return queries.NewSubmission(sub, request_hash)
+        return queries.NewSubmission(sub, request_hash), template.method
 
     async def _template_for_submission(self, user: User, template_id: str) -> Template:
         try:
@@ -430,12 +446,21 @@ class Service:
         log.info("submission retried by user", extra={"submission_id": sub.id})
         return sub
 
+    async def stats(self, user: User, since: float) -> Stats:
+        now = wall_now()
+        return await self.store.read(lambda c: queries.stats(c, user.id, since, now))
+
     async def cancel(self, user: User, submission_id: str) -> Submission:
         now = wall_now()
         sub = await self.store.write(
             lambda c: queries.cancel_submission(c, submission_id, user.id, now)
         )
         log.info("submission cancelled", extra={"submission_id": sub.id})
+        template = await self.store.read(
+            lambda c: queries.get_template(c, sub.form_template_id, user.id)
+        )
+        method = template.method.value if template else UNKNOWN_METHOD
+        self.metrics.submission_finished(method, Status.CANCELLED.value)
         return sub
 
 

@@ -17,6 +17,7 @@ from ptdaemon.errors import (
     StorageUnavailableError,
     StoreError,
 )
+from ptdaemon.metrics import Metrics
 from ptdaemon.models import User
 from ptdaemon.service import Service
 
@@ -30,6 +31,8 @@ SERVICE_KEY: Final = web.AppKey("service", Service)
 STATE_KEY: Final = web.AppKey("state", dict)
 LIMIT_KEY: Final = web.AppKey("max_body_bytes", int)
 LIMITS_KEY: Final = web.AppKey("rate_limits", RateLimits)
+METRICS_KEY: Final = web.AppKey("metrics", Metrics)
+METRICS_PUBLIC_KEY: Final = web.AppKey("metrics_public", bool)
 USER_KEY: Final = web.RequestKey("user", User)
 STORAGE_RETRY_AFTER: Final = "5"
 
@@ -159,7 +162,16 @@ async def errors_middleware(
         log.exception("request crashed", extra={"path": request.path})
         response = error_response(500, "internal_error", "internal error")
     _log_access(request, response, started)
+    request.app[METRICS_KEY].request_served(
+        _route_of(request), request.method, response.status
+    )
     return response
+
+
+def _route_of(request: web.Request) -> str:
+    """The route's pattern (never the path itself, which holds ids)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _http_exception(exc: web.HTTPException) -> web.StreamResponse:
@@ -178,12 +190,11 @@ def _log_access(
 ) -> None:
     if not access_log.isEnabledFor(logging.DEBUG):
         return
-    route = request.match_info.route.resource
     access_log.debug(
         "request",
         extra={
             "method": request.method,
-            "route": route.canonical if route is not None else "unmatched",
+            "route": _route_of(request),
             "code": response.status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         },
@@ -204,6 +215,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # Health and the API document stay open while draining; readyz itself
     # answers 503 then.
     if request.path in OPEN_PATHS or request.path.startswith("/ui"):
+        return await handler(request)
+    if request.path == "/metrics" and request.app[METRICS_PUBLIC_KEY]:
         return await handler(request)
     if request.app[STATE_KEY]["stopping"]:
         return shutting_down()
@@ -256,6 +269,8 @@ def build_app(
     max_body_bytes: int,
     rate_per_second: float = 0.0,
     rate_burst: int = 1,
+    metrics: Metrics | None = None,
+    metrics_public: bool = False,
 ) -> web.Application:
     from ptdaemon.api import routes
 
@@ -267,5 +282,7 @@ def build_app(
     app[STATE_KEY] = {"stopping": False}
     app[LIMIT_KEY] = max_body_bytes
     app[LIMITS_KEY] = RateLimits(rate_per_second, rate_burst)
+    app[METRICS_KEY] = metrics or service.metrics
+    app[METRICS_PUBLIC_KEY] = metrics_public
     routes.add_routes(app)
     return app

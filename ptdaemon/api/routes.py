@@ -9,7 +9,10 @@ from typing import Any, Final
 from aiohttp import web
 
 from ptdaemon import queries
+from ptdaemon.api import ui
 from ptdaemon.api.app import (
+    METRICS_KEY,
+    METRICS_PUBLIC_KEY,
     STATE_KEY,
     ServiceErrorResponse,
     current_user,
@@ -20,52 +23,64 @@ from ptdaemon.api.app import (
     shutting_down,
 )
 from ptdaemon.api.openapi import openapi_document
-from ptdaemon.errors import ServiceError
+from ptdaemon.errors import ForbiddenError, ServiceError
+from ptdaemon.metrics import CONTENT_TYPE
 from ptdaemon.models import (
+    AttemptList,
     BatchIn,
+    BatchOut,
+    ErrorDetail,
+    ErrorOut,
+    HealthOut,
+    PreviewOut,
     RotateIn,
+    SecretOut,
     Status,
+    SubmissionPage,
     Template,
-    attempt_view,
-    submission_view,
-    user_view,
+    TemplateList,
+    TemplateOut,
+    UserList,
+    attempt_out,
+    submission_out,
+    user_out,
 )
 from ptdaemon.redact import MASK, mask_target
+from ptdaemon.service import LATEST_TIME
 from ptdaemon.templates import convert
-from ptdaemon.timeutil import format_time
+from ptdaemon.timeutil import format_time, parse_time
 from ptdaemon.timeutil import now as wall_now
 
 MAX_LIMIT: Final = 500
 DEFAULT_LIMIT: Final = 100
+DEFAULT_STATS_SECONDS: Final = 86400.0
 
 
-def template_view(
-    template: Template, shown_secret: str | None = None
-) -> dict[str, Any]:
+def template_view(template: Template, shown_secret: str | None = None) -> TemplateOut:
     secret = shown_secret or (MASK if template.signing_secret else None)
-    return {
-        "id": template.id,
-        "name": template.name,
-        "method": template.method.value,
-        "target": mask_target(template.target),
-        "field_map": template.field_map,
-        "required_fields": template.required_fields,
-        "max_retries": template.max_retries,
-        "retry_backoff_seconds": template.retry_backoff_seconds,
-        "retry_backoff_max_seconds": template.retry_backoff_max_seconds,
-        "retry_jitter": template.retry_jitter,
-        "timeout_seconds": template.timeout_seconds,
-        "signing_secret": secret,
-        "created_at": format_time(template.created_at),
-        "updated_at": format_time(template.updated_at),
-    }
+    return TemplateOut(
+        id=template.id,
+        name=template.name,
+        method=template.method,
+        target=mask_target(template.target),
+        field_map=template.field_map,
+        required_fields=template.required_fields,
+        max_retries=template.max_retries,
+        retry_backoff_seconds=template.retry_backoff_seconds,
+        retry_backoff_max_seconds=template.retry_backoff_max_seconds,
+        retry_jitter=template.retry_jitter,
+        timeout_seconds=template.timeout_seconds,
+        signing_secret=secret,
+        created_at=format_time(template.created_at) or "",
+        updated_at=format_time(template.updated_at) or "",
+    )
 
 
 # -- health ------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(HealthOut("ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -73,11 +88,24 @@ async def readyz(request: web.Request) -> web.Response:
         return shutting_down()
     store = service_of(request).store
     await store.write(lambda conn: queries.write_probe(conn, wall_now()))
-    return json_response({"status": "ready"})
+    return json_response(HealthOut("ready"))
 
 
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text; an admin's token unless the config makes it public."""
+    if not request.app[METRICS_PUBLIC_KEY] and not current_user(request).admin:
+        raise ForbiddenError("only an admin can read the metrics")
+    registry = request.app[METRICS_KEY]
+    now = wall_now()
+    depths, oldest = await service_of(request).store.read(
+        lambda conn: queries.queue_depths(conn, now)
+    )
+    registry.set_queue(depths, oldest)
+    return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- users -------------------------------------------------------------------
@@ -86,12 +114,12 @@ async def openapi(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     body = await read_json(request)
     user, token = await service_of(request).create_user(current_user(request), body)
-    return json_response(user_view(user, token), status=201)
+    return json_response(user_out(user, token), status=201)
 
 
 async def list_users(request: web.Request) -> web.Response:
     users = await service_of(request).list_users(current_user(request))
-    return json_response({"items": [user_view(u) for u in users]})
+    return json_response(UserList([user_out(u) for u in users]))
 
 
 async def delete_user(request: web.Request) -> web.Response:
@@ -103,7 +131,7 @@ async def delete_user(request: web.Request) -> web.Response:
 async def rotate_token(request: web.Request) -> web.Response:
     user_id = parse_id(request.match_info["id"], "user")
     user, token = await service_of(request).rotate_token(current_user(request), user_id)
-    return json_response(user_view(user, token))
+    return json_response(user_out(user, token))
 
 
 # -- templates ---------------------------------------------------------------
@@ -119,7 +147,7 @@ async def create_template(request: web.Request) -> web.Response:
 
 async def list_templates(request: web.Request) -> web.Response:
     templates = await service_of(request).list_templates(current_user(request))
-    return json_response({"items": [template_view(t) for t in templates]})
+    return json_response(TemplateList([template_view(t) for t in templates]))
 
 
 async def get_template(request: web.Request) -> web.Response:
@@ -151,7 +179,7 @@ async def preview_template(request: web.Request) -> web.Response:
     payload = await service_of(request).preview(
         current_user(request), template_id, body
     )
-    return json_response({"payload": payload})
+    return json_response(PreviewOut(payload))
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
@@ -161,7 +189,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     secret = await service_of(request).rotate_secret(
         current_user(request), template_id, rotation.grace_seconds
     )
-    return json_response({"signing_secret": secret})
+    return json_response(SecretOut(secret))
 
 
 # -- submissions -------------------------------------------------------------
@@ -173,7 +201,7 @@ async def create_submission(request: web.Request) -> web.Response:
     sub, created = await service_of(request).create_submission(
         current_user(request), body, header_key=header_key
     )
-    return json_response(submission_view(sub), status=202 if created else 200)
+    return json_response(submission_out(sub), status=202 if created else 200)
 
 
 async def create_batch(request: web.Request) -> web.Response:
@@ -183,11 +211,11 @@ async def create_batch(request: web.Request) -> web.Response:
     items: list[Any] = []
     for result in results:
         if isinstance(result, ServiceError):
-            items.append({"error": _error_fields(result)})
+            items.append(ErrorOut(ErrorDetail(**_error_fields(result))))
         else:
-            items.append(submission_view(result[0]))
+            items.append(submission_out(result[0]))
     any_valid = any(not isinstance(r, ServiceError) for r in results)
-    return json_response({"items": items}, status=202 if any_valid else 422)
+    return json_response(BatchOut(items), status=202 if any_valid else 422)
 
 
 def _error_fields(exc: ServiceError) -> dict[str, Any]:
@@ -208,9 +236,7 @@ async def list_submissions(request: web.Request) -> web.Response:
         limit=limit,
     )
     next_cursor = _encode_cursor(subs[-1].seq) if more else None
-    return json_response(
-        {"items": [submission_view(s) for s in subs], "next_cursor": next_cursor}
-    )
+    return json_response(SubmissionPage([submission_out(s) for s in subs], next_cursor))
 
 
 def _status_filter(text: str | None) -> Status | None:
@@ -253,33 +279,59 @@ def _decode_cursor(text: str | None) -> int | None:
 async def get_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     sub = await service_of(request).get_submission(current_user(request), sub_id)
-    return json_response(submission_view(sub))
+    return json_response(submission_out(sub))
 
 
 async def list_attempts(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     attempts = await service_of(request).list_attempts(current_user(request), sub_id)
-    return json_response({"items": [attempt_view(a) for a in attempts]})
+    return json_response(AttemptList([attempt_out(a) for a in attempts]))
 
 
 async def retry_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     await read_json(request, optional=True)
     sub = await service_of(request).retry(current_user(request), sub_id)
-    return json_response(submission_view(sub), status=202)
+    return json_response(submission_out(sub), status=202)
 
 
 async def cancel_submission(request: web.Request) -> web.Response:
     sub_id = parse_id(request.match_info["id"], "submission")
     await read_json(request, optional=True)
     sub = await service_of(request).cancel(current_user(request), sub_id)
-    return json_response(submission_view(sub))
+    return json_response(submission_out(sub))
+
+
+# -- statistics --------------------------------------------------------------
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    since = _since(request.query.get("since"))
+    stats = await service_of(request).stats(current_user(request), since)
+    return json_response(stats)
+
+
+def _since(text: str | None) -> float:
+    if text is None:
+        return wall_now() - DEFAULT_STATS_SECONDS
+    try:
+        since = parse_time(text)
+    except ValueError:
+        raise ServiceErrorResponse(
+            400, "bad_query", "since must be an RFC 3339 time with a UTC offset"
+        ) from None
+    if not 0 <= since <= LATEST_TIME:
+        raise ServiceErrorResponse(
+            400, "bad_query", "since must lie between 1970 and 9999"
+        )
+    return since
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/users", create_user)
     app.router.add_get("/v1/users", list_users)
     app.router.add_delete("/v1/users/{id}", delete_user)
@@ -298,3 +350,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/submissions/{id}/attempts", list_attempts)
     app.router.add_post("/v1/submissions/{id}/retry", retry_submission)
     app.router.add_post("/v1/submissions/{id}/cancel", cancel_submission)
+    app.router.add_get("/v1/stats", get_stats)
+    ui.add_routes(app)
