@@ -36,6 +36,7 @@ from ptdaemon.models import (
     User,
     submission_view,
 )
+from ptdaemon.notify import Notifier
 from ptdaemon.service import ADMIN_NAME, Service
 from ptdaemon.store import Store
 from ptdaemon.templates import TemplateRules
@@ -291,6 +292,21 @@ class Daemon:
             await self.service.get_submission(self.user, submission_id)
         )
 
+    async def queue_summary(self) -> queries.QueueSummary:
+        """Due and running submissions of every user, read from the store."""
+        if self._store is None:
+            raise RuntimeError("the daemon is not started")
+        now = wall_now()
+        return await self._store.read(lambda conn: queries.queue_summary(conn, now))
+
+    async def status_line(self) -> str:
+        """A one-line summary for the service manager's status display."""
+        summary = await self.queue_summary()
+        oldest = summary.oldest_due_age_seconds
+        line = f"{summary.depth} due, {summary.processing} in flight"
+
+        return line if oldest is None else f"{line}, oldest due {oldest:.1f}s ago"
+
 
 def check_templates(config: Config) -> None:
     """Apply the save rules to the config's templates, before any state exists."""
@@ -319,8 +335,14 @@ def recover_processing(conn: Any) -> int:
     return len(rows)
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; return the exit code."""
+async def serve(config: Config, *, notifier: Notifier | None = None) -> int:
+    """Run until SIGTERM or SIGINT; return the exit code.
+
+    `notifier` tells a service manager when the daemon is ready and when it
+    stops, and pings its watchdog; by default it is read from the environment.
+    """
+    if notifier is None:
+        notifier = Notifier.from_environment(os.environ)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -328,11 +350,23 @@ async def serve(config: Config) -> int:
     daemon = Daemon(config, api=True)
     await daemon.start()
     try:
+        # Ready means: store open, scheduler loaded, API listening.
+        notifier.ready(await _status_or(daemon, "ready"))
+        notifier.start_watchdog(daemon.status_line)
         await stop.wait()
         log.info("signal received, draining")
     finally:
+        notifier.stopping()
         await daemon.stop()
+        await notifier.close()
     return 0
+
+
+async def _status_or(daemon: Daemon, fallback: str) -> str:
+    try:
+        return await daemon.status_line()
+    except StoreError:
+        return fallback
 
 
 __all__ = ["Daemon", "StateLock", "Status", "recover_processing", "serve"]

@@ -628,3 +628,30 @@ def processing_rows(conn: sqlite3.Connection) -> list[Submission]:
         " WHERE status = 'processing'"
     ).fetchall()
     return [_submission(row) for row in rows]
+
+
+# -- health ------------------------------------------------------------------
+
+
+class QueueSummary(msgspec.Struct, kw_only=True):
+    """Queued work over all users: due now, in flight, and the oldest wait."""
+
+    depth: int
+    processing: int
+    oldest_due_age_seconds: float | None
+
+
+def queue_summary(conn: sqlite3.Connection, now: float) -> QueueSummary:
+    due = conn.execute(
+        "SELECT count(*), min(next_retry_at) FROM submissions"
+        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
+        (now,),
+    ).fetchone()
+    processing = conn.execute(
+        "SELECT count(*) FROM submissions WHERE status = 'processing'"
+    ).fetchone()
+    oldest = None if due[1] is None else round(max(0.0, now - due[1]), 3)
+
+    return QueueSummary(
+        depth=int(due[0]), processing=int(processing[0]), oldest_due_age_seconds=oldest
+    )

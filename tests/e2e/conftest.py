@@ -285,6 +285,8 @@ class DaemonProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
+        # Extra environment variables for the next start.
+        self.env: dict[str, str] = {}
 
     @property
     def state(self) -> Path:
@@ -312,7 +314,7 @@ class DaemonProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 cwd=self.root,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
