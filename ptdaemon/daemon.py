@@ -37,6 +37,7 @@ from ptdaemon.models import (
     submission_view,
 )
 from ptdaemon.notify import Notifier
+from ptdaemon.retention import Retention, max_age_seconds
 from ptdaemon.service import ADMIN_NAME, Service
 from ptdaemon.store import Store
 from ptdaemon.templates import TemplateRules
@@ -103,6 +104,7 @@ class Daemon:
         self._store: Store | None = None
         self._dispatchers: dict[Method, Dispatcher] = {}
         self._engine: Engine | None = None
+        self._retention: Retention | None = None
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
         self._service: Service | None = None
@@ -189,6 +191,10 @@ class Daemon:
             log.warning("interrupted attempts recovered", extra={"count": recovered})
         await scheduler.load()
         self._engine.start()
+        self._retention = Retention(
+            store, max_age_seconds=max_age_seconds(config.retention.finished_days)
+        )
+        self._retention.start()
 
         if self._api_enabled:
             await self._start_api(service)
@@ -255,6 +261,9 @@ class Daemon:
         # The API stays up while attempts drain, answering 503 to new calls.
         if self._app is not None:
             self._app[STATE_KEY]["stopping"] = True
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
         if self._engine is not None:
             await self._engine.stop(
                 grace_seconds=self.config.daemon.shutdown_grace_seconds

@@ -110,6 +110,11 @@ MIGRATIONS: Final[list[str]] = [
     """
     CREATE TABLE probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
     """,
+    # 3: retention finds finished submissions by age without a full scan.
+    """
+    CREATE INDEX submissions_finished ON submissions(updated_at)
+        WHERE status IN ('completed', 'failed', 'cancelled');
+    """,
 ]
 
 
@@ -252,6 +257,20 @@ class Store:
                 op.future.set_result(value)
             else:
                 op.future.set_exception(_translate(value))
+
+    async def maintain(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the writer's thread between two group commits.
+
+        For statements that must run outside a transaction (incremental
+        vacuum, checkpoints). `fn` must be short: writes wait while it runs.
+        """
+        if self._closing or self._writer is None:
+            raise StorageUnavailableError("the store is closed")
+        try:
+            result: T = await _on_thread(self._writer, fn, self._writer._conn)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        return result
 
     # -- reading -----------------------------------------------------------
 
