@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ptdaemon import queries, retry
+from ptdaemon import crashpoints, queries, retry
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
 from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
@@ -255,12 +255,14 @@ class Engine:
             return
         if claim is None:
             return
+        crashpoints.reach("claim-committed")
         sub = claim.submission
         try:
             result: Result | DeliveryError = await self._deliver(claim, started_at)
         except asyncio.CancelledError:
             await self._finish(sub, claim.attempt, started_at, None)
             raise
+        crashpoints.reach("reply-received")
         await self._finish(sub, claim.attempt, started_at, result)
 
     async def _deliver(

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ptdaemon import queries
+from ptdaemon import crashpoints, queries
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.errors import (
     BadRequestError,
@@ -306,6 +306,7 @@ class Service:
         self, items: list[queries.NewSubmission]
     ) -> list[tuple[Submission, bool] | ServiceError]:
         results = await self.store.write(lambda c: queries.insert_submissions(c, items))
+        crashpoints.reach("submission-committed")
         for result in results:
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]
