@@ -132,6 +132,12 @@ class Daemon:
             raise RuntimeError("the daemon is not started")
         return self._service
 
+    async def wait_failed(self) -> None:
+        """Return once the store has failed a write to disk; the daemon must stop."""
+        if self._store is None:
+            raise RuntimeError("the daemon is not started")
+        await self._store.failed.wait()
+
     @property
     def user(self) -> User:
         if self._user is None:
@@ -377,12 +383,25 @@ async def serve(config: Config, *, notifier: Notifier | None = None) -> int:
         # Ready means: store open, scheduler loaded, API listening.
         notifier.ready(await _status_or(daemon, "ready"))
         notifier.start_watchdog(daemon.status_line)
-        await stop.wait()
-        log.info("signal received, draining")
+        code = await _run_until_stopped(daemon, stop)
     finally:
         notifier.stopping()
         await daemon.stop()
         await notifier.close()
+    return code
+
+
+async def _run_until_stopped(daemon: Daemon, stop: asyncio.Event) -> int:
+    """Wait for a signal (exit code 0) or a failed disk write (exit code 1)."""
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(daemon.wait_failed())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (signalled, failed):
+        task.cancel()
+    if failed.done() and not failed.cancelled():
+        log.error("disk write failed, stopping")
+        return 1
+    log.info("signal received, draining")
     return 0
 
 
