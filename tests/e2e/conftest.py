@@ -287,6 +287,8 @@ class DaemonProcess:
         self.base = ""
         # Extra environment variables for the next start.
         self.env: dict[str, str] = {}
+        # A command that runs the daemon, such as strace with its options.
+        self.wrapper: list[str] = []
 
     @property
     def state(self) -> Path:
@@ -304,6 +306,7 @@ class DaemonProcess:
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 [
+                    *self.wrapper,
                     sys.executable,
                     "-m",
                     "ptdaemon",
