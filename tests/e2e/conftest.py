@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -300,6 +301,14 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def integrity_check(self) -> str:
+        """SQLite's verdict on the database file ("ok" when sound)."""
+        conn = sqlite3.connect(self.state / "ptdaemon.db", timeout=10)
+        try:
+            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        finally:
+            conn.close()
 
     async def start(self) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -108,14 +108,6 @@ def configure(process: DaemonProcess) -> None:
     process.config_path.write_text(text)
 
 
-def integrity(db: Path) -> str:
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
-
-
 def unfinished(db: Path) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
@@ -204,7 +196,7 @@ async def test_random_sigkills_under_load_lose_and_double_nothing(tmp_path, caps
             kills += 1
             stop.set()
             await asyncio.gather(*workers)
-            verdict = integrity(db)
+            verdict = process.integrity_check()
             if verdict != "ok":
                 bad_checks.append(verdict)
         loop_seconds = time.monotonic() - started

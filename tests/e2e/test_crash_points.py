@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import aiohttp
 import pytest
@@ -22,18 +21,10 @@ async def restart_after_crash(process: DaemonProcess, api: Api) -> None:
     assert process.proc is not None
     await asyncio.to_thread(process.proc.wait, 10)
     assert process.proc.returncode == -9
-    assert integrity(process) == "ok"
+    assert process.integrity_check() == "ok"
     process.env = {}
     await process.start()
     api.base = process.base
-
-
-def integrity(process: DaemonProcess) -> str:
-    conn = sqlite3.connect(process.state / "ptdaemon.db")
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
 
 
 async def start(tmp_path, moment: str) -> tuple[DaemonProcess, Api]:

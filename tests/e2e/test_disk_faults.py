@@ -58,14 +58,6 @@ def build_failing_sync(tmp_path: Path) -> Path:
     return library
 
 
-def integrity(process: DaemonProcess) -> str:
-    conn = sqlite3.connect(process.state / "ptdaemon.db")
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
-
-
 async def test_a_failed_fsync_stops_the_daemon_instead_of_retrying(sink, tmp_path):
     library = build_failing_sync(tmp_path)
     trigger = tmp_path / "disk-fails"
@@ -109,7 +101,7 @@ async def test_a_failed_fsync_stops_the_daemon_instead_of_retrying(sink, tmp_pat
     # One failure, no retries of the commit.
     assert log.count("store commit failed") == 1
     assert again["status"] == "completed"
-    assert integrity(process) == "ok"
+    assert process.integrity_check() == "ok"
 
 
 @pytest.fixture
