@@ -1,4 +1,4 @@
-"""`ptdaemon backup` under load, its restore, and `ptdaemon status`."""
+"""`ptdaemon backup` under load, its restore, `ptdaemon status`, retention."""
 
 from __future__ import annotations
 
@@ -164,3 +164,26 @@ async def test_status_of_a_stopped_daemon_exits_1(start_daemon):
 
     assert code == 1
     assert out.splitlines()[0] == "daemon: not running"
+
+
+async def test_retention_removes_old_finished_submissions_at_start(sink, start_daemon):
+    url = sink.script("/in", then=Reply(200))
+    # 0.00002 days: finished submissions go after about 1.7 s.
+    process, api = await start_daemon("[retention]\nfinished_days = 0.00002\n")
+    template = await api.template(method="API", target={"url": url})
+    done = await api.submit(template["id"], {"n": 1})
+    await api.wait_final(done["id"])
+    waiting = await api.submit(
+        template["id"], {"n": 2}, scheduled_at="2999-01-01T00:00:00Z"
+    )
+    assert await process.terminate() == 0
+
+    await asyncio.sleep(2.0)
+    await process.start()
+    api.base = process.base
+    gone, _ = await api.request("GET", f"/v1/submissions/{done['id']}")
+    kept = await api.ok("GET", f"/v1/submissions/{waiting['id']}")
+
+    assert gone == 404
+    assert kept["status"] == "pending"
+    assert "finished submissions removed count=1" in process.log()
