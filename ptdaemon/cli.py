@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
+import msgspec
 
 from ptdaemon import __version__
 from ptdaemon.config import Config, load_config
@@ -20,6 +21,7 @@ from ptdaemon.errors import ConfigError, PtdaemonError
 
 USAGE_STATUSES = frozenset({400, 413, 415, 422})
 CLIENT_TIMEOUT_SECONDS = 30.0
+STATUS_TIMEOUT_SECONDS = 5.0
 
 
 class CliError(Exception):
@@ -80,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         ("rotate-token", "give a user a new token; the old one stops working"),
     ):
         action(name, text).add_argument("user", help="name or id")
+    command("status", "the daemon's health, queue and database size")
+    backup = command("backup", "copy the database, also while the daemon runs")
+    backup.add_argument("path", help="where to write the copy (must not exist)")
     return parser
 
 
@@ -116,6 +121,10 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(config)
     if args.command == "check-config":
         return _check_config(config, args)
+    if args.command == "backup":
+        return _backup(config, args)
+    if args.command == "status":
+        return asyncio.run(_status(config, args))
     return asyncio.run(_client_command(config, args))
 
 
@@ -150,6 +159,85 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(config: Config, args: argparse.Namespace) -> int:
+    from ptdaemon.backup import backup_database
+    from ptdaemon.daemon import DB_NAME
+
+    destination = Path(args.path)
+    if destination.exists():
+        raise CliError(f"{destination} already exists; choose a new path", 2)
+    if not destination.parent.is_dir():
+        raise CliError(f"no such directory: {destination.parent}", 2)
+    try:
+        result = backup_database(config.state_path / DB_NAME, destination)
+    except OSError as exc:
+        raise CliError(f"cannot write {destination}: {exc.strerror or exc}") from exc
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(result), indent=2))
+    else:
+        print(
+            f"backup written: {result.path} ({result.bytes} bytes,"
+            f" {result.submissions} submissions, {result.attempts} attempts)"
+        )
+    return 0
+
+
+async def _status(config: Config, args: argparse.Namespace) -> int:
+    from ptdaemon.backup import database_size, read_queue
+    from ptdaemon.daemon import DB_NAME, StateLock
+
+    pid = StateLock(config.state_path).holder()
+    health = "not running" if pid is None else await _health(config)
+    database = config.state_path / DB_NAME
+    report: dict[str, Any] = {
+        "health": health,
+        "pid": pid,
+        "listen": config.api.listen,
+        "queue": None,
+        "database": None,
+    }
+    if database.is_file():
+        report["queue"] = msgspec.to_builtins(read_queue(database))
+        report["database"] = msgspec.to_builtins(database_size(database))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0 if health == "ready" else 1
+
+
+async def _health(config: Config) -> str:
+    """What /readyz says: ready, not ready (with its code), or unreachable."""
+    client = Client(config)
+    try:
+        status, payload = await client.probe("/readyz", STATUS_TIMEOUT_SECONDS)
+    except CliError:
+        return "unreachable"
+    finally:
+        await client.close()
+    if status == 200:
+        return "ready"
+    code = payload.get("error", {}).get("code") if isinstance(payload, dict) else None
+    return f"not ready ({code or status})"
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    pid = f", pid {report['pid']}" if report["pid"] is not None else ""
+    print(f"daemon: {report['health']}{pid}")
+    print(f"listen: {report['listen']}")
+    queue = report["queue"]
+    if queue is not None:
+        oldest = queue["oldest_due_age_seconds"]
+        waited = "" if oldest is None else f", oldest due {oldest:.1f} s ago"
+        print(f"queue: {queue['depth']} due, {queue['processing']} in flight{waited}")
+    database = report["database"]
+    if database is not None:
+        print(
+            f"database: {database['path']}, {database['bytes']} bytes"
+            f" (WAL {database['wal_bytes']}, free {database['free_bytes']})"
+        )
+
+
 # -- the client side ---------------------------------------------------------
 
 
@@ -169,10 +257,21 @@ class Client:
                 host = f"[{host}]"
             self.base = f"http://{host}:{port}"
             self.connector = aiohttp.TCPConnector()
-        self.token = _token(config)
+
+    async def probe(self, path: str, timeout_seconds: float) -> tuple[int, Any]:
+        """GET an open route (no token); raise CliError if nothing answers."""
+        timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        async with aiohttp.ClientSession(
+            connector=self.connector, connector_owner=False, timeout=timeout
+        ) as session:
+            try:
+                async with session.get(self.base + path) as response:
+                    return response.status, await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise CliError(f"no answer from {path}: {type(exc).__name__}") from exc
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"}
+        headers = {"Authorization": f"Bearer {_token(self.config)}"}
         timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_SECONDS)
         async with aiohttp.ClientSession(
             connector=self.connector, connector_owner=False, timeout=timeout

@@ -38,6 +38,8 @@ from ptdaemon.models import (
     User,
     submission_view,
 )
+from ptdaemon.notify import Notifier
+from ptdaemon.retention import Retention, max_age_seconds
 from ptdaemon.service import ADMIN_NAME, Service
 from ptdaemon.store import Store
 from ptdaemon.templates import TemplateRules
@@ -71,6 +73,21 @@ class StateLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def holder(self) -> int | None:
+        """The pid of the process that holds the lock; None when nobody does."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        finally:
+            os.close(fd)
+        return None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -106,6 +123,7 @@ class Daemon:
         self._store: Store | None = None
         self._dispatchers: dict[Method, Dispatcher] = {}
         self._engine: Engine | None = None
+        self._retention: Retention | None = None
         self._runner: web.AppRunner | None = None
         self._app: web.Application | None = None
         self._service: Service | None = None
@@ -118,6 +136,12 @@ class Daemon:
         if self._service is None:
             raise RuntimeError("the daemon is not started")
         return self._service
+
+    async def wait_failed(self) -> None:
+        """Return once the store has failed a write to disk; the daemon must stop."""
+        if self._store is None:
+            raise RuntimeError("the daemon is not started")
+        await self._store.failed.wait()
 
     @property
     def user(self) -> User:
@@ -198,6 +222,10 @@ class Daemon:
             log.warning("interrupted attempts recovered", extra={"count": recovered})
         await scheduler.load()
         self._engine.start()
+        self._retention = Retention(
+            store, max_age_seconds=max_age_seconds(config.retention.finished_days)
+        )
+        self._retention.start()
 
         if self._api_enabled:
             await self._start_api(service)
@@ -277,6 +305,9 @@ class Daemon:
         # The API stays up while attempts drain, answering 503 to new calls.
         if self._app is not None:
             self._app[STATE_KEY]["stopping"] = True
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
         if self._engine is not None:
             await self._engine.stop(
                 grace_seconds=self.config.daemon.shutdown_grace_seconds
@@ -314,6 +345,21 @@ class Daemon:
             await self.service.get_submission(self.user, submission_id)
         )
 
+    async def queue_summary(self) -> queries.QueueSummary:
+        """Due and running submissions of every user, read from the store."""
+        if self._store is None:
+            raise RuntimeError("the daemon is not started")
+        now = wall_now()
+        return await self._store.read(lambda conn: queries.queue_summary(conn, now))
+
+    async def status_line(self) -> str:
+        """A one-line summary for the service manager's status display."""
+        summary = await self.queue_summary()
+        oldest = summary.oldest_due_age_seconds
+        line = f"{summary.depth} due, {summary.processing} in flight"
+
+        return line if oldest is None else f"{line}, oldest due {oldest:.1f}s ago"
+
 
 def check_templates(config: Config) -> None:
     """Apply the save rules to the config's templates, before any state exists."""
@@ -342,8 +388,14 @@ def recover_processing(conn: Any) -> int:
     return len(rows)
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; return the exit code."""
+async def serve(config: Config, *, notifier: Notifier | None = None) -> int:
+    """Run until SIGTERM or SIGINT; return the exit code.
+
+    `notifier` tells a service manager when the daemon is ready and when it
+    stops, and pings its watchdog; by default it is read from the environment.
+    """
+    if notifier is None:
+        notifier = Notifier.from_environment(os.environ)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -351,11 +403,36 @@ async def serve(config: Config) -> int:
     daemon = Daemon(config, api=True)
     await daemon.start()
     try:
-        await stop.wait()
-        log.info("signal received, draining")
+        # Ready means: store open, scheduler loaded, API listening.
+        notifier.ready(await _status_or(daemon, "ready"))
+        notifier.start_watchdog(daemon.status_line)
+        code = await _run_until_stopped(daemon, stop)
     finally:
+        notifier.stopping()
         await daemon.stop()
+        await notifier.close()
+    return code
+
+
+async def _run_until_stopped(daemon: Daemon, stop: asyncio.Event) -> int:
+    """Wait for a signal (exit code 0) or a failed disk write (exit code 1)."""
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(daemon.wait_failed())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (signalled, failed):
+        task.cancel()
+    if failed.done() and not failed.cancelled():
+        log.error("disk write failed, stopping")
+        return 1
+    log.info("signal received, draining")
     return 0
+
+
+async def _status_or(daemon: Daemon, fallback: str) -> str:
+    try:
+        return await daemon.status_line()
+    except StoreError:
+        return fallback
 
 
 __all__ = ["Daemon", "StateLock", "Status", "recover_processing", "serve"]

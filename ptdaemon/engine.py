@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ptdaemon import queries, retry
+from ptdaemon import crashpoints, queries, retry
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
 from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
@@ -259,6 +259,7 @@ class Engine:
             return
         if claim is None:
             return
+        crashpoints.reach("claim-committed")
         sub = claim.submission
         method = claim.template.method.value if claim.template else UNKNOWN_METHOD
         self._metrics.in_flight.inc()
@@ -269,6 +270,7 @@ class Engine:
             raise
         finally:
             self._metrics.in_flight.dec()
+        crashpoints.reach("reply-received")
         await self._finish(sub, claim.attempt, started_at, result, method)
 
     async def _deliver(

@@ -23,6 +23,14 @@ class StorageUnavailableError(StoreError):
     """A write failed for lack of space or a busy database; try again later."""
 
 
+class StorageFailedError(StorageUnavailableError):
+    """The disk failed a write or a sync: nothing more is written, the daemon stops.
+
+    After a failed fsync the kernel may have dropped the pages it could not
+    write, so a retry could report success for data that is not on disk.
+    """
+
+
 class LockedError(StoreError):
     """Another daemon holds the state directory."""
 

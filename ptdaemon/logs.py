@@ -102,17 +102,16 @@ class TextFormatter(_Formatter):
 
 
 class JsonFormatter(_Formatter):
-    """One object a line: ts, level, logger, event, the extra fields, exception."""
+    """One object a line: time, level, logger, event, context, then any exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
-            "ts": _timestamp(record),
+            "time": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
+            "context": extra_fields(record),
         }
-        for key, value in extra_fields(record).items():
-            document.setdefault(key, value)
         if exception := self._exception_text(record):
             document["exception"] = exception
         if record.stack_info:

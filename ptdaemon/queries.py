@@ -860,3 +860,76 @@ def queue_depths(conn: sqlite3.Connection, now: float) -> tuple[dict[str, int], 
     age = 0.0 if oldest is None else max(0.0, now - oldest)
 
     return depths, age
+
+
+# -- health ------------------------------------------------------------------
+
+
+class QueueSummary(msgspec.Struct, kw_only=True):
+    """Queued work over all users: due now, in flight, and the oldest wait."""
+
+    depth: int
+    processing: int
+    oldest_due_age_seconds: float | None
+
+
+def queue_summary(conn: sqlite3.Connection, now: float) -> QueueSummary:
+    due = conn.execute(
+        "SELECT count(*), min(next_retry_at) FROM submissions"
+        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
+        (now,),
+    ).fetchone()
+    processing = conn.execute(
+        "SELECT count(*) FROM submissions WHERE status = 'processing'"
+    ).fetchone()
+    oldest = None if due[1] is None else round(max(0.0, now - due[1]), 3)
+
+    return QueueSummary(
+        depth=int(due[0]), processing=int(processing[0]), oldest_due_age_seconds=oldest
+    )
+
+
+# -- retention ---------------------------------------------------------------
+
+def delete_finished(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Delete up to `limit` finished submissions last changed before `before`,
+    with their attempts; return how many."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM submissions INDEXED BY submissions_finished"
+            " WHERE status IN ('completed', 'failed', 'cancelled')"
+            " AND updated_at < ? ORDER BY updated_at LIMIT ?",
+            (before, limit),
+        )
+    ]
+    rows = [(submission_id,) for submission_id in ids]
+    conn.executemany("DELETE FROM attempts WHERE submission_id = ?", rows)
+    conn.executemany("DELETE FROM submissions WHERE id = ?", rows)
+
+    return len(ids)
+
+
+def oldest_finished(conn: sqlite3.Connection) -> float | None:
+    """When the longest-finished submission was last changed, if any."""
+    row = conn.execute(
+        "SELECT min(updated_at) FROM submissions INDEXED BY submissions_finished"
+        " WHERE status IN ('completed', 'failed', 'cancelled')"
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def free_pages(conn: sqlite3.Connection, limit: int) -> int:
+    """Give up to `limit` free pages back to the file system; return how many
+    were free before (incremental vacuum; outside any transaction)."""
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        # execute() would step the pragma once, freeing one page; a script
+        # runs it to the end.
+        conn.executescript(f"PRAGMA incremental_vacuum({int(limit)});")
+    return free
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file without waiting for readers."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()

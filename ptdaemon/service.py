@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ptdaemon import queries
+from ptdaemon import crashpoints, queries
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.errors import (
     BadRequestError,
@@ -325,6 +325,7 @@ class Service:
         results = await self.store.write(
             lambda c: queries.insert_submissions(c, rows, limit)
         )
+        crashpoints.reach("submission-committed")
         for result, (_, method) in zip(results, items, strict=True):
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 import msgspec
 
-from ptdaemon.errors import StorageUnavailableError, StoreError
+from ptdaemon.errors import StorageFailedError, StorageUnavailableError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,11 @@ MIGRATIONS: Final[list[str]] = [
     CREATE INDEX submissions_unfinished ON submissions(status, next_retry_at)
         WHERE status IN ('pending', 'retrying', 'processing');
     """,
+    # 5: retention finds finished submissions by age without a full scan.
+    """
+    CREATE INDEX submissions_finished ON submissions(updated_at)
+        WHERE status IN ('completed', 'failed', 'cancelled');
+    """,
 ]
 
 
@@ -176,6 +181,19 @@ def encode_json(value: Any) -> bytes | None:
 
 def decode_json(blob: bytes | str | None) -> Any:
     return None if blob is None else msgspec.json.decode(blob)
+
+
+SQLITE_IOERR: Final = 10
+
+
+def is_io_failure(exc: BaseException) -> bool:
+    """An I/O error of the disk (a failed write or fsync), not a full disk."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error)
+        and code is not None
+        and code & 0xFF == SQLITE_IOERR
+    )
 
 
 def is_storage_fault(exc: BaseException) -> bool:
@@ -204,6 +222,8 @@ class Store:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Set once the disk failed a write: the daemon must stop.
+        self.failed = asyncio.Event()
         self.commits = 0
         self.committed_ops = 0
         # Called after each group commit with its duration and size.
@@ -273,6 +293,8 @@ class Store:
         own changes are rolled back, the exception reaches this caller, and
         the other writes of the group still commit.
         """
+        if self.failed.is_set():
+            raise StorageFailedError("the store stopped after a disk I/O error")
         if self._closing or self._task is None:
             raise StorageUnavailableError("the store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -289,6 +311,9 @@ class Store:
                 continue
             ops = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
+            if self.failed.is_set():
+                _fail_all(ops)
+                continue
             await self._commit_group(ops)
 
     async def _commit_group(self, ops: list[_Op]) -> None:
@@ -301,6 +326,8 @@ class Store:
             )
         except Exception as exc:
             error = _translate(exc)
+            if isinstance(error, StorageFailedError):
+                self.failed.set()
             log.exception("store commit failed", extra={"ops": len(ops)})
             for op in ops:
                 if not op.future.done():
@@ -317,6 +344,23 @@ class Store:
                 op.future.set_result(value)
             else:
                 op.future.set_exception(_translate(value))
+
+    async def maintain(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the writer's thread between two group commits.
+
+        For statements that must run outside a transaction (incremental
+        vacuum, checkpoints). `fn` must be short: writes wait while it runs.
+        """
+        if self._closing or self._writer is None or self.failed.is_set():
+            raise StorageUnavailableError("the store is closed")
+        try:
+            result: T = await _on_thread(self._writer, fn, self._writer._conn)
+        except sqlite3.Error as exc:
+            error = _translate(exc)
+            if isinstance(error, StorageFailedError):
+                self.failed.set()
+            raise error from exc
+        return result
 
     # -- reading -----------------------------------------------------------
 
@@ -413,8 +457,18 @@ def _run_group(conn: sqlite3.Connection, fns: list[WriteFn]) -> list[tuple[bool,
     return results
 
 
+def _fail_all(ops: list[_Op]) -> None:
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(
+                StorageFailedError("the store stopped after a disk I/O error")
+            )
+
+
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlite3.Error):
+        if is_io_failure(exc):
+            return StorageFailedError(f"disk I/O error: {exc}")
         if is_storage_fault(exc):
             return StorageUnavailableError(f"storage unavailable: {exc}")
         return StoreError(f"database error: {exc}")

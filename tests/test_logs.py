@@ -123,20 +123,16 @@ def test_json_line_carries_fields():
     )
 
     [line] = json_lines(stream)
-    assert list(line) == [
-        "ts",
-        "level",
-        "logger",
-        "event",
-        "submission_id",
-        "status",
-        "duration_ms",
-    ]
-    assert re.fullmatch(TIME, str(line["ts"]))
+    assert list(line) == ["time", "level", "logger", "event", "context"]
+    assert re.fullmatch(TIME, str(line["time"]))
     assert line["level"] == "info"
     assert line["logger"] == "ptdaemon.engine"
     assert line["event"] == "attempt finished"
-    assert line["status"] == 200
+    assert line["context"] == {
+        "submission_id": "abc",
+        "status": 200,
+        "duration_ms": 12,
+    }
 
 
 def test_json_masks_secrets_also_nested():
@@ -152,8 +148,7 @@ def test_json_masks_secrets_also_nested():
     assert "tok-1" not in raw
     assert "pw-2" not in raw
     [line] = json_lines(stream)
-    assert line["token"] == "***"
-    assert line["meta"] == {"password": "***", "size": 3}
+    assert line["context"] == {"token": "***", "meta": {"password": "***", "size": 3}}
 
 
 def test_json_exception_is_a_string():
@@ -177,7 +172,7 @@ def test_json_writes_odd_values_as_strings():
     logging.getLogger("ptdaemon").info("store opened", extra={"path": object()})
 
     [line] = json_lines(stream)
-    assert str(line["path"]).startswith("<object object")
+    assert str(line["context"]["path"]).startswith("<object object")
 
 
 def test_level_filters_our_loggers():

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 from msgspec import Struct
 
+from ptdaemon import crashpoints
 from ptdaemon.dispatch.base import Delivery, Result
 from ptdaemon.errors import DeliveryError, InvalidError
 from ptdaemon.mapping import (
@@ -136,6 +137,7 @@ def _write_whole(root: Path, directory: Path, name: str, content: bytes) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
+        crashpoints.reach("file-written")
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     except BaseException:

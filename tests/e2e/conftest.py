@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -286,6 +287,10 @@ class DaemonProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
+        # Extra environment variables for the next start.
+        self.env: dict[str, str] = {}
+        # A command that runs the daemon, such as strace with its options.
+        self.wrapper: list[str] = []
 
     @property
     def state(self) -> Path:
@@ -298,11 +303,20 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def integrity_check(self) -> str:
+        """SQLite's verdict on the database file ("ok" when sound)."""
+        conn = sqlite3.connect(self.state / "ptdaemon.db", timeout=10)
+        try:
+            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        finally:
+            conn.close()
+
     async def start(self) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 [
+                    *self.wrapper,
                     sys.executable,
                     "-m",
                     "ptdaemon",
