@@ -271,7 +271,8 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
-        self.env = env or {}
+        # Extra environment variables of the process, read at each start.
+        self.env: dict[str, str] = dict(env or {})
         self.config_path = root / "config.toml"
         self.log_path = root / "daemon.log"
         self.drop = root / "drop"
@@ -287,8 +288,6 @@ class DaemonProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
-        # Extra environment variables for the next start.
-        self.env: dict[str, str] = {}
         # A command that runs the daemon, such as strace with its options.
         self.wrapper: list[str] = []
 
