@@ -1,0 +1,621 @@
+"""Run the same workloads through every system in alternating rounds; print figures.
+
+    .venv/bin/python -m bench.run            # the full run (about 20 minutes)
+    .venv/bin/python -m bench.run --smoke    # ptdaemon and the shape, a few hundred forms
+
+Each round starts every system afresh, in turn, and measures: end-to-end
+throughput of a burst (first submit to last arrival), submit throughput, CPU
+seconds per 1,000 deliveries and peak RSS of all the system's processes,
+submit-to-arrival latency at offered rates (open loop), and the lateness of
+forms scheduled 2 s ahead. Once after the rounds: idle CPU and wake-ups
+with submissions scheduled far ahead, and ptdaemon with 1,000,000 rows
+(RSS, READY after SIGKILL). Every process started is stopped by PID at the
+end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import procs
+from bench.procs import Children
+from bench.systems import PYTHON, REPO, SYSTEMS, Env, Form, Ptdaemon, System
+
+ALL = [
+    "ptdaemon", "ptdaemon batch", "shape", "shape batch", "bare loop",
+    "celery prefork", "celery tuned", "huey sqlite", "arq",
+]
+
+
+@dataclass
+class Plan:
+    systems: list[str]
+    rounds: int
+    forms: int
+    peer_forms: int
+    rates: list[int]
+    rate_seconds: float
+    scheduled: int
+    idle_rows: int
+    peer_idle_rows: int
+    idle_seconds: float
+    big_rows: int
+    big_processing: int
+
+
+FULL = Plan(
+    systems=ALL, rounds=3, forms=20000, peer_forms=5000, rates=[100, 500],
+    rate_seconds=5.0, scheduled=200, idle_rows=100000, peer_idle_rows=10000,
+    idle_seconds=10.0, big_rows=1000000, big_processing=10000,
+)
+SMOKE = Plan(
+    systems=["ptdaemon", "shape"], rounds=1, forms=300, peer_forms=300,
+    rates=[100], rate_seconds=1.0, scheduled=20, idle_rows=0, peer_idle_rows=0,
+    idle_seconds=0.0, big_rows=0, big_processing=0,
+)
+PEERS = {"celery prefork", "celery tuned", "huey sqlite", "arq"}
+
+
+def forms(prefix: str, count: int) -> list[Form]:
+    return [
+        {
+            "id": f"{prefix}-{i}",
+            "full_name": "Ada Lovelace",
+            "email": "ada@example.org",
+            "address": {"street": "12 St James's Square", "postcode": "SW1Y 4JH"},
+            "permit": "residential parking",
+            "n": i,
+        }
+        for i in range(count)
+    ]
+
+
+class Receiver:
+    """The receiver process and a client for its control routes."""
+
+    def __init__(self, children: Children, log: Path) -> None:
+        self.proc = children.start(
+            [PYTHON, "-m", "bench.receiver"],
+            log=log,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900))
+
+    async def wait(self, count: int, timeout: float) -> int:
+        url = f"{self.url}/wait?n={count}&timeout={timeout}"
+        async with self.session.get(url) as reply:
+            return int((await reply.json())["count"])
+
+    async def dump(self) -> tuple[dict[str, float], int]:
+        async with self.session.get(f"{self.url}/dump") as reply:
+            payload = await reply.json()
+        return payload["arrivals"], int(payload["duplicates"])
+
+    async def reset(self) -> None:
+        async with self.session.post(f"{self.url}/reset", data=b"") as reply:
+            await reply.read()
+
+
+@dataclass
+class Figures:
+    """Per system: figure name -> one value per round."""
+
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, system: str, name: str, value: float) -> None:
+        self.values.setdefault(system, {}).setdefault(name, []).append(value)
+
+    def get(self, system: str, name: str) -> list[float]:
+        return self.values.get(system, {}).get(name, [])
+
+    def median(self, system: str, name: str) -> float | None:
+        found = self.get(system, name)
+        return statistics.median(found) if found else None
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[rank - 1]
+
+
+# -- one round of one system -------------------------------------------------
+
+
+async def deliveries(
+    receiver: Receiver, ids: Sequence[str], timeout: float
+) -> tuple[dict[str, float], int, int]:
+    """Wait for every id; return their arrivals, the missing count, duplicates."""
+    await receiver.wait(len(ids), timeout)
+    arrivals, duplicates = await receiver.dump()
+    missing = sum(1 for key in ids if key not in arrivals)
+
+    return arrivals, missing, duplicates
+
+
+async def measure_burst(
+    system: System, env: Env, receiver: Receiver, figures: Figures, count: int, tag: str
+) -> None:
+    batch = forms(f"{tag}-b", count)
+    ids = [form["id"] for form in batch]
+    roots = system.roots()
+    before = procs.usage(roots)
+    started = time.time()
+    accepted = await system.burst(batch)
+    started = getattr(system, "started", 0.0) or started
+    arrivals, missing, duplicates = await deliveries(receiver, ids, max(120.0, count / 20))
+    after = procs.usage(roots)
+    name = system.name
+    check(figures, name, "burst", missing, duplicates)
+    last = max(arrivals[key] for key in ids if key in arrivals)
+    figures.add(name, "e2e_per_s", count / (last - started))
+    if system.has_submit:
+        figures.add(name, "submit_per_s", count / (accepted - started))
+    figures.add(name, "cpu_per_1000", (after.cpu - before.cpu) / count * 1000)
+    figures.add(name, "peak_rss_mb", procs.peak_rss_mb(roots))
+    await receiver.reset()
+
+
+async def measure_open(
+    system: System, receiver: Receiver, figures: Figures, rate: int, seconds: float, tag: str
+) -> None:
+    batch = forms(f"{tag}-r{rate}", int(rate * seconds))
+    start = time.time() + 0.2
+    await system.open_loop(batch, start, rate)
+    ids = [form["id"] for form in batch]
+    arrivals, missing, duplicates = await deliveries(receiver, ids, 120.0)
+    check(figures, system.name, f"{rate}/s", missing, duplicates)
+    latencies = [
+        (arrivals[key] - (start + index / rate)) * 1000
+        for index, key in enumerate(ids)
+        if key in arrivals
+    ]
+    figures.add(system.name, f"p50_ms_{rate}", percentile(latencies, 0.5))
+    figures.add(system.name, f"p99_ms_{rate}", percentile(latencies, 0.99))
+    await receiver.reset()
+
+
+async def measure_at(
+    system: System, receiver: Receiver, figures: Figures, count: int, tag: str
+) -> None:
+    batch = forms(f"{tag}-s", count)
+    # Spread over one second from 2 s ahead: lateness, not a burst's throughput.
+    first = time.time() + 2.0
+    dues = [first + index / count for index in range(count)]
+    await system.at(batch, dues)
+    ids = [form["id"] for form in batch]
+    arrivals, missing, duplicates = await deliveries(receiver, ids, 120.0)
+    check(figures, system.name, "scheduled", missing, duplicates)
+    late = [
+        (arrivals[key] - due) * 1000 for key, due in zip(ids, dues, strict=True) if key in arrivals
+    ]
+    figures.add(system.name, "late_p50_ms", percentile(late, 0.5))
+    figures.add(system.name, "late_p99_ms", percentile(late, 0.99))
+    figures.add(system.name, "late_max_ms", max(late))
+    figures.add(system.name, "early", sum(1 for value in late if value < 0))
+    await receiver.reset()
+
+
+def check(figures: Figures, system: str, workload: str, missing: int, duplicates: int) -> None:
+    if missing or duplicates:
+        figures.notes.append(
+            f"{system} {workload}: {missing} forms missing, {duplicates} duplicates"
+        )
+    figures.add(system, "lost", missing)
+    figures.add(system, "duplicates", duplicates)
+
+
+async def warm_up(system: System, receiver: Receiver, tag: str) -> None:
+    """One delivery through the system, so that figures start from a ready system."""
+    form = forms(f"{tag}-warm", 1)
+    await system.burst(form)
+    if await receiver.wait(1, 90.0) < 1:
+        raise RuntimeError(f"{system.name}: the warm-up form did not arrive")
+    await receiver.reset()
+
+
+async def run_round(
+    name: str, env: Env, receiver: Receiver, figures: Figures, plan: Plan, number: int
+) -> None:
+    system = SYSTEMS[name]()
+    tag = f"{name.replace(' ', '_')}-{number}"
+    print(f"  {name}: starting", file=sys.stderr, flush=True)
+    try:
+        await system.start(env)
+        await warm_up(system, receiver, tag)
+        count = plan.peer_forms if name in PEERS else plan.forms
+        await measure_burst(system, env, receiver, figures, count, tag)
+        if "open" in system.workloads:
+            for rate in plan.rates:
+                await measure_open(system, receiver, figures, rate, plan.rate_seconds, tag)
+        if "at" in system.workloads:
+            await measure_at(system, receiver, figures, plan.scheduled, tag)
+    finally:
+        await system.stop(env)
+        await receiver.reset()
+    e2e = figures.get(name, "e2e_per_s")[-1]
+    print(f"  {name}: {e2e:,.0f} forms/s end to end", file=sys.stderr, flush=True)
+
+
+# -- once: idle, and a million rows -----------------------------------------
+
+
+async def measure_idle(
+    name: str, env: Env, receiver: Receiver, figures: Figures, plan: Plan
+) -> None:
+    system = SYSTEMS[name]()
+    rows = plan.peer_idle_rows if name in PEERS else plan.idle_rows
+    try:
+        await system.start(env)
+        await warm_up(system, receiver, f"{name}-idle")
+        # Due in 30 minutes: inside the brokers' visibility timeout.
+        due = time.time() + 1800
+        batch = forms(f"{name}-idle", rows)
+        await system.at(batch, [due] * rows)
+        await asyncio.sleep(3.0)
+        roots = system.roots()
+        before = procs.usage(roots)
+        await asyncio.sleep(plan.idle_seconds)
+        after = procs.usage(roots)
+        seconds = plan.idle_seconds
+        figures.add(name, "idle_rows", rows)
+        figures.add(name, "idle_cpu_pct", (after.cpu - before.cpu) / seconds * 100)
+        figures.add(name, "idle_wakeups_per_s", (after.switches - before.switches) / seconds)
+        figures.add(name, "idle_rss_mb", procs.rss_mb(roots))
+    finally:
+        await system.stop(env)
+        await receiver.reset()
+
+
+def fill_rows(db: Path, rows: int, processing: int) -> None:
+    """Copy the one queued row into `rows` rows due in two hours, as a
+    long-running daemon's backlog would look; `processing` of them as a
+    SIGKILL mid-attempt leaves them."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA synchronous = OFF")
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(submissions)")]
+    copied = [c for c in columns if c not in ("seq", "id", "data", "next_retry_at")]
+    new_id = (
+        "lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4'"
+        " || substr(lower(hex(randomblob(2))), 2) || '-a'"
+        " || substr(lower(hex(randomblob(2))), 2) || '-' || lower(hex(randomblob(6)))"
+    )
+    with conn:
+        conn.execute(
+            f"INSERT INTO submissions (id, data, next_retry_at, {', '.join(copied)})"  # noqa: S608
+            f" WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            f" SELECT {new_id}, json_object('id', 'big-' || n.i, 'full_name', 'Ada'),"
+            f" unixepoch() + 7200 + n.i * 0.001, {', '.join('s.' + c for c in copied)}"
+            " FROM n, (SELECT * FROM submissions LIMIT 1) AS s",
+            (rows - 1,),
+        )
+    mark_processing(conn, processing)
+    conn.close()
+
+
+def mark_processing(conn: sqlite3.Connection, count: int) -> None:
+    with conn:
+        conn.execute(
+            "UPDATE submissions SET status = 'processing', processing_started_at = ?"
+            " WHERE seq IN (SELECT seq FROM submissions WHERE status = 'pending'"
+            " ORDER BY seq DESC LIMIT ?)",
+            (time.time(), count),
+        )
+
+
+async def readyz_after(daemon: Ptdaemon, env: Env, started: float) -> float:
+    """Poll /readyz from the bench until 200; seconds since `started`."""
+    assert daemon.session is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            async with daemon.session.get(daemon.base + "/readyz") as reply:
+                if reply.status == 200:
+                    return time.monotonic() - started
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.01)
+    raise RuntimeError("ptdaemon never answered /readyz 200")
+
+
+async def measure_big(env: Env, receiver: Receiver, figures: Figures, plan: Plan) -> None:
+    """ptdaemon with a million rows: RSS, and READY after SIGKILL."""
+    daemon = Ptdaemon()
+    root = env.folder("ptdaemon-big")
+    try:
+        await daemon.start(env, root)
+        await daemon.at(forms("big-seed", 1), [time.time() + 7200])
+        await daemon.stop(env)
+        db = root / "state" / "ptdaemon.db"
+        print(f"  filling {plan.big_rows:,} rows", file=sys.stderr, flush=True)
+        fill_rows(db, plan.big_rows, plan.big_processing)
+        for label in ("first start", "after SIGKILL"):
+            started = time.monotonic()
+            ready_log = await daemon.launch(env)
+            ready = await readyz_after(daemon, env, started)
+            figures.add("ptdaemon", "big_ready_log_s", ready_log)
+            figures.add("ptdaemon", "big_ready_s", ready)
+            # The recovered attempts are due at once; let them finish.
+            await receiver.wait(plan.big_processing, 120.0)
+            arrivals, _ = await receiver.dump()
+            figures.add("ptdaemon", "big_recovered", len(arrivals))
+            await asyncio.sleep(3.0)
+            assert daemon.proc is not None
+            figures.add("ptdaemon", "big_rss_mb", procs.rss_mb([daemon.proc.pid]))
+            figures.add("ptdaemon", "big_peak_rss_mb", procs.peak_rss_mb([daemon.proc.pid]))
+            await receiver.reset()
+            print(f"  {label}: READY in {ready:.2f} s", file=sys.stderr, flush=True)
+            env.children.kill(daemon.proc)
+            daemon.proc = None
+            conn = sqlite3.connect(db)
+            mark_processing(conn, plan.big_processing)
+            conn.close()
+    finally:
+        await daemon.stop(env)
+
+
+# -- the report ---------------------------------------------------------------
+
+
+def cell(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:,.{digits}f}"
+    return f"{med:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
+
+COLUMNS = [
+    ("e2e_per_s", "e2e/s", 0),
+    ("submit_per_s", "submit/s", 0),
+    ("cpu_per_1000", "CPU s/1k", 3),
+    ("peak_rss_mb", "peak RSS MB", 1),
+]
+
+
+def table(figures: Figures, systems: list[str], columns: list[tuple[str, str, int]]) -> str:
+    rows = [["system", *(title for _, title, _ in columns)]]
+    for name in systems:
+        if name in figures.values:
+            rows.append([name, *(cell(figures.get(name, key), d) for key, _, d in columns)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ratios(figures: Figures, systems: list[str]) -> str:
+    base_e2e = figures.median("ptdaemon", "e2e_per_s")
+    base_cpu = figures.median("ptdaemon", "cpu_per_1000")
+    lines = ["system           e2e vs ptdaemon   CPU/1k vs ptdaemon"]
+    for name in systems:
+        e2e = figures.median(name, "e2e_per_s")
+        cpu = figures.median(name, "cpu_per_1000")
+        if e2e is None or base_e2e is None or cpu is None or base_cpu is None:
+            continue
+        lines.append(f"{name:<16} {e2e / base_e2e:>14.2f}x {cpu / base_cpu:>19.2f}x")
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    text: str
+    value: float | None
+    limit: float
+    unit: str
+    higher_is_better: bool = False
+
+    def line(self) -> str:
+        if self.value is None:
+            return f"  n/a   {self.text}: not measured in this run"
+        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        sign = ">=" if self.higher_is_better else "<="
+        verdict = "PASS" if ok else "FAIL"
+        return (
+            f"  {verdict}  {self.text}: {self.value:,.3g}{self.unit}"
+            f" (target {sign} {self.limit:g}{self.unit})"
+        )
+
+
+def share(figures: Figures, name: str, key: str, base: str) -> float | None:
+    value, ceiling = figures.median(name, key), figures.median(base, key)
+    if value is None or ceiling is None:
+        return None
+    return value / ceiling
+
+
+def targets(figures: Figures) -> list[Target]:
+    med = figures.median
+    return [
+        Target("end to end, single creates, vs the shape", share(figures, "ptdaemon", "e2e_per_s", "shape"), 0.6, "x", True),
+        Target("end to end, batch creates, vs the bare loop", share(figures, "ptdaemon batch", "e2e_per_s", "bare loop"), 0.5, "x", True),
+        Target("p99 submit-to-arrival at 500/s", med("ptdaemon", "p99_ms_500"), 10, " ms"),
+        Target("lateness p99 of scheduled forms", med("ptdaemon", "late_p99_ms"), 5, " ms"),
+        Target("idle wake-ups per second", med("ptdaemon", "idle_wakeups_per_s"), 0, "/s"),
+        Target("idle CPU, % of a core", med("ptdaemon", "idle_cpu_pct"), 0.05, "%"),
+        Target("CPU seconds per 1,000 deliveries", med("ptdaemon", "cpu_per_1000"), 0.3, " s"),
+        Target("peak RSS in the burst", med("ptdaemon", "peak_rss_mb"), 60, " MB"),
+        Target("RSS with 1,000,000 scheduled rows", max(figures.get("ptdaemon", "big_peak_rss_mb"), default=None), 100, " MB"),
+        Target("READY after SIGKILL with 1,000,000 rows", med("ptdaemon", "big_ready_s"), 3, " s"),
+    ]
+
+
+def versions() -> str:
+    found = []
+    for package in ("ptdaemon", "aiohttp", "aiosqlite", "uvloop", "msgspec", "celery", "kombu", "redis", "huey", "arq"):
+        try:
+            from importlib.metadata import version
+
+            found.append(f"{package} {version(package)}")
+        except Exception:  # noqa: BLE001 - a peer that is not installed
+            continue
+    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
+    found.append(redis.stdout.split(" sha=")[0].strip() if redis.returncode == 0 else "redis-server missing")
+    return ", ".join(found)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {cpu}, Linux {platform.release()}"
+
+
+def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> str:
+    systems = [name for name in plan.systems if name in figures.values]
+    parts = [
+        f"machine: {machine()}",
+        f"versions: {versions()}",
+        f"load average (1, 5, 15 min) before / after: {loads[0]} / {loads[-1]}",
+        f"rounds: {plan.rounds}; burst {plan.forms:,} forms ({plan.peer_forms:,} for the"
+        f" queue peers); open loop {', '.join(map(str, plan.rates))}/s for"
+        f" {plan.rate_seconds:g} s; {plan.scheduled} forms scheduled 2 s ahead; took {seconds:.0f} s",
+        "",
+        "Burst: medians over rounds (min-max)",
+        table(figures, systems, COLUMNS),
+        "",
+        "Latency, submit to arrival (open loop), and lateness of scheduled forms, ms",
+        table(
+            figures,
+            systems,
+            [(f"{kind}_ms_{rate}", f"{kind} @{rate}/s", 1) for rate in plan.rates for kind in ("p50", "p99")]
+            + [("late_p50_ms", "late p50", 1), ("late_p99_ms", "late p99", 1), ("late_max_ms", "late max", 1)],
+        ),
+        "",
+        "Ratios of medians",
+        ratios(figures, systems),
+    ]
+    if any("idle_rows" in figures.values.get(name, {}) for name in systems):
+        parts += [
+            "",
+            "Idle with submissions scheduled 30 min ahead (10 s)",
+            table(
+                figures,
+                systems,
+                [("idle_rows", "scheduled", 0), ("idle_cpu_pct", "CPU %", 3),
+                 ("idle_wakeups_per_s", "wake-ups/s", 1), ("idle_rss_mb", "RSS MB", 1)],
+            ),
+        ]
+    if figures.get("ptdaemon", "big_ready_s"):
+        ready = figures.get("ptdaemon", "big_ready_s")
+        logged = figures.get("ptdaemon", "big_ready_log_s")
+        rss = figures.get("ptdaemon", "big_rss_mb")
+        peak = figures.get("ptdaemon", "big_peak_rss_mb")
+        recovered = figures.get("ptdaemon", "big_recovered")
+        parts += [
+            "",
+            f"ptdaemon with {plan.big_rows:,} rows, {plan.big_processing:,} in processing"
+            " (first start, then after SIGKILL):",
+            "  READY (/readyz 200, polled by the bench every 10 ms): "
+            + ", ".join(f"{v:.2f} s" for v in ready)
+            + "; 'daemon ready' logged after: " + ", ".join(f"{v:.2f} s" for v in logged),
+            "  RSS 3 s after READY: " + ", ".join(f"{v:.1f} MB" for v in rss)
+            + "; peak: " + ", ".join(f"{v:.1f} MB" for v in peak)
+            + "; recovered attempts delivered: " + ", ".join(f"{v:,.0f}" for v in recovered),
+        ]
+    lost = sum(sum(figures.get(name, "lost")) for name in systems)
+    dups = sum(sum(figures.get(name, "duplicates")) for name in systems)
+    parts += ["", f"delivery check: {lost:.0f} forms missing, {dups:.0f} duplicates"]
+    parts += [f"  {note}" for note in figures.notes]
+    parts += ["", "Targets (ptdaemon)", *(t.line() for t in targets(figures))]
+
+    return "\n".join(parts)
+
+
+async def run(plan: Plan, children: Children, json_out: Path | None) -> int:
+    begun = time.monotonic()
+    loads = [procs.load_average()]
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="ptdaemon-bench-") as work:
+        receiver = Receiver(children, Path(work) / "receiver.log")
+        env = Env(children, Path(work), receiver.url + "/forms", itertools.count())
+        try:
+            for number in range(plan.rounds):
+                print(f"round {number + 1} of {plan.rounds}", file=sys.stderr, flush=True)
+                # Alternate the order too, so that drift does not favour one system.
+                order = plan.systems if number % 2 == 0 else plan.systems[::-1]
+                for name in order:
+                    await run_round(name, env, receiver, figures, plan, number)
+            if plan.idle_seconds:
+                for name in plan.systems:
+                    if "idle" in SYSTEMS[name].workloads:
+                        print(f"idle: {name}", file=sys.stderr, flush=True)
+                        await measure_idle(name, env, receiver, figures, plan)
+            if plan.big_rows and "ptdaemon" in plan.systems:
+                await measure_big(env, receiver, figures, plan)
+        finally:
+            await receiver.session.close()
+            children.stop_all()
+    loads.append(procs.load_average())
+    print(report(figures, plan, loads, time.monotonic() - begun))
+    if json_out is not None:
+        json_out.write_text(json.dumps(figures.values, indent=1))
+    lost = sum(sum(figures.get(name, "lost")) + sum(figures.get(name, "duplicates")) for name in figures.values)
+    return 1 if lost else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="ptdaemon and the shape, a few hundred forms")
+    parser.add_argument("--systems", help="comma-separated names, of: " + ", ".join(ALL))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--forms", type=int, help="burst size for ptdaemon, the shape and the bare loop")
+    parser.add_argument("--peer-forms", type=int, help="burst size for Celery, huey and arq")
+    parser.add_argument("--no-idle", action="store_true")
+    parser.add_argument("--no-big", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.systems:
+        names = [name.strip() for name in args.systems.split(",")]
+        unknown = [name for name in names if name not in SYSTEMS]
+        if unknown:
+            parser.error(f"unknown system {unknown[0]!r}")
+        plan.systems = names
+    plan.rounds = args.rounds or plan.rounds
+    plan.forms = args.forms or plan.forms
+    plan.peer_forms = args.peer_forms or plan.peer_forms
+    if args.no_idle:
+        plan.idle_seconds = 0
+    if args.no_big:
+        plan.big_rows = 0
+    children = Children()
+    try:
+        import uvloop
+
+        return uvloop.run(run(plan, children, args.json))
+    except KeyboardInterrupt:
+        print("interrupted; every started process stopped", file=sys.stderr)
+        return 130
+    finally:
+        children.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
