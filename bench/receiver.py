@@ -15,6 +15,7 @@ than any sender it measures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +34,7 @@ class Record:
         self.arrivals: dict[str, float] = {}
         self.duplicates = 0
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.tasks: set[asyncio.Future[None]] = set()
 
     def arrive(self, key: str) -> None:
         if key in self.arrivals:
@@ -91,13 +93,13 @@ class Http(asyncio.Protocol):
     def handle(self, method: str, target: str, body: bytes) -> None:
         assert self.transport is not None
         if method == "POST" and not target.startswith("/reset"):
-            try:
+            with contextlib.suppress(msgspec.ValidationError):
                 self.record.arrive(msgspec.json.decode(body, type=Delivery).id)
-            except msgspec.ValidationError:
-                pass
             self.transport.write(OK)
             return
-        asyncio.ensure_future(self.control(method, target))
+        task = asyncio.ensure_future(self.control(method, target))
+        self.record.tasks.add(task)
+        task.add_done_callback(self.record.tasks.discard)
 
     async def control(self, method: str, target: str) -> None:
         parts = urlsplit(target)

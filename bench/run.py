@@ -1,7 +1,7 @@
 """Run the same workloads through every system in alternating rounds; print figures.
 
-    .venv/bin/python -m bench.run            # the full run (about 20 minutes)
-    .venv/bin/python -m bench.run --smoke    # ptdaemon and the shape, a few hundred forms
+    .venv/bin/python -m bench.run           # the full run (about 20 minutes)
+    .venv/bin/python -m bench.run --smoke   # ptdaemon and the shape, 300 forms
 
 Each round starts every system afresh, in turn, and measures: end-to-end
 throughput of a burst (first submit to last arrival), submit throughput, CPU
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -30,8 +31,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -40,8 +41,15 @@ from bench.procs import Children
 from bench.systems import PYTHON, REPO, SYSTEMS, Env, Form, Ptdaemon, System
 
 ALL = [
-    "ptdaemon", "ptdaemon batch", "shape", "shape batch", "bare loop",
-    "celery prefork", "celery tuned", "huey sqlite", "arq",
+    "ptdaemon",
+    "ptdaemon batch",
+    "shape",
+    "shape batch",
+    "bare loop",
+    "celery prefork",
+    "celery tuned",
+    "huey sqlite",
+    "arq",
 ]
 
 
@@ -62,14 +70,32 @@ class Plan:
 
 
 FULL = Plan(
-    systems=ALL, rounds=3, forms=20000, peer_forms=5000, rates=[100, 500],
-    rate_seconds=5.0, scheduled=200, idle_rows=100000, peer_idle_rows=10000,
-    idle_seconds=10.0, big_rows=1000000, big_processing=10000,
+    systems=ALL,
+    rounds=3,
+    forms=20000,
+    peer_forms=5000,
+    rates=[100, 500],
+    rate_seconds=5.0,
+    scheduled=200,
+    idle_rows=100000,
+    peer_idle_rows=10000,
+    idle_seconds=10.0,
+    big_rows=1000000,
+    big_processing=10000,
 )
 SMOKE = Plan(
-    systems=["ptdaemon", "shape"], rounds=1, forms=300, peer_forms=300,
-    rates=[100], rate_seconds=1.0, scheduled=20, idle_rows=0, peer_idle_rows=0,
-    idle_seconds=0.0, big_rows=0, big_processing=0,
+    systems=["ptdaemon", "shape"],
+    rounds=1,
+    forms=300,
+    peer_forms=300,
+    rates=[100],
+    rate_seconds=1.0,
+    scheduled=20,
+    idle_rows=0,
+    peer_idle_rows=0,
+    idle_seconds=0.0,
+    big_rows=0,
+    big_processing=0,
 )
 PEERS = {"celery prefork", "celery tuned", "huey sqlite", "arq"}
 
@@ -166,7 +192,9 @@ async def measure_burst(
     started = time.time()
     accepted = await system.burst(batch)
     started = getattr(system, "started", 0.0) or started
-    arrivals, missing, duplicates = await deliveries(receiver, ids, max(120.0, count / 20))
+    arrivals, missing, duplicates = await deliveries(
+        receiver, ids, max(120.0, count / 20)
+    )
     after = procs.usage(roots)
     name = system.name
     check(figures, name, "burst", missing, duplicates)
@@ -180,7 +208,12 @@ async def measure_burst(
 
 
 async def measure_open(
-    system: System, receiver: Receiver, figures: Figures, rate: int, seconds: float, tag: str
+    system: System,
+    receiver: Receiver,
+    figures: Figures,
+    rate: int,
+    seconds: float,
+    tag: str,
 ) -> None:
     batch = forms(f"{tag}-r{rate}", int(rate * seconds))
     start = time.time() + 0.2
@@ -210,7 +243,9 @@ async def measure_at(
     arrivals, missing, duplicates = await deliveries(receiver, ids, 120.0)
     check(figures, system.name, "scheduled", missing, duplicates)
     late = [
-        (arrivals[key] - due) * 1000 for key, due in zip(ids, dues, strict=True) if key in arrivals
+        (arrivals[key] - due) * 1000
+        for key, due in zip(ids, dues, strict=True)
+        if key in arrivals
     ]
     figures.add(system.name, "late_p50_ms", percentile(late, 0.5))
     figures.add(system.name, "late_p99_ms", percentile(late, 0.99))
@@ -219,7 +254,9 @@ async def measure_at(
     await receiver.reset()
 
 
-def check(figures: Figures, system: str, workload: str, missing: int, duplicates: int) -> None:
+def check(
+    figures: Figures, system: str, workload: str, missing: int, duplicates: int
+) -> None:
     if missing or duplicates:
         figures.notes.append(
             f"{system} {workload}: {missing} forms missing, {duplicates} duplicates"
@@ -250,7 +287,9 @@ async def run_round(
         await measure_burst(system, env, receiver, figures, count, tag)
         if "open" in system.workloads:
             for rate in plan.rates:
-                await measure_open(system, receiver, figures, rate, plan.rate_seconds, tag)
+                await measure_open(
+                    system, receiver, figures, rate, plan.rate_seconds, tag
+                )
         if "at" in system.workloads:
             await measure_at(system, receiver, figures, plan.scheduled, tag)
     finally:
@@ -283,7 +322,9 @@ async def measure_idle(
         seconds = plan.idle_seconds
         figures.add(name, "idle_rows", rows)
         figures.add(name, "idle_cpu_pct", (after.cpu - before.cpu) / seconds * 100)
-        figures.add(name, "idle_wakeups_per_s", (after.switches - before.switches) / seconds)
+        figures.add(
+            name, "idle_wakeups_per_s", (after.switches - before.switches) / seconds
+        )
         figures.add(name, "idle_rss_mb", procs.rss_mb(roots))
     finally:
         await system.stop(env)
@@ -305,8 +346,9 @@ def fill_rows(db: Path, rows: int, processing: int) -> None:
     )
     with conn:
         conn.execute(
-            f"INSERT INTO submissions (id, data, next_retry_at, {', '.join(copied)})"  # noqa: S608
-            f" WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+            f"INSERT INTO submissions (id, data, next_retry_at, {', '.join(copied)})"
+            " WITH RECURSIVE n(i) AS"
+            " (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
             f" SELECT {new_id}, json_object('id', 'big-' || n.i, 'full_name', 'Ada'),"
             f" unixepoch() + 7200 + n.i * 0.001, {', '.join('s.' + c for c in copied)}"
             " FROM n, (SELECT * FROM submissions LIMIT 1) AS s",
@@ -341,7 +383,9 @@ async def readyz_after(daemon: Ptdaemon, env: Env, started: float) -> float:
     raise RuntimeError("ptdaemon never answered /readyz 200")
 
 
-async def measure_big(env: Env, receiver: Receiver, figures: Figures, plan: Plan) -> None:
+async def measure_big(
+    env: Env, receiver: Receiver, figures: Figures, plan: Plan
+) -> None:
     """ptdaemon with a million rows: RSS, and READY after SIGKILL."""
     daemon = Ptdaemon()
     root = env.folder("ptdaemon-big")
@@ -365,7 +409,9 @@ async def measure_big(env: Env, receiver: Receiver, figures: Figures, plan: Plan
             await asyncio.sleep(3.0)
             assert daemon.proc is not None
             figures.add("ptdaemon", "big_rss_mb", procs.rss_mb([daemon.proc.pid]))
-            figures.add("ptdaemon", "big_peak_rss_mb", procs.peak_rss_mb([daemon.proc.pid]))
+            figures.add(
+                "ptdaemon", "big_peak_rss_mb", procs.peak_rss_mb([daemon.proc.pid])
+            )
             await receiver.reset()
             print(f"  {label}: READY in {ready:.2f} s", file=sys.stderr, flush=True)
             env.children.kill(daemon.proc)
@@ -397,13 +443,20 @@ COLUMNS = [
 ]
 
 
-def table(figures: Figures, systems: list[str], columns: list[tuple[str, str, int]]) -> str:
+def table(
+    figures: Figures, systems: list[str], columns: list[tuple[str, str, int]]
+) -> str:
     rows = [["system", *(title for _, title, _ in columns)]]
-    for name in systems:
-        if name in figures.values:
-            rows.append([name, *(cell(figures.get(name, key), d) for key, _, d in columns)])
+    rows += [
+        [name, *(cell(figures.get(name, key), d) for key, _, d in columns)]
+        for name in systems
+        if name in figures.values
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True)) for row in rows]
+    lines = [
+        "  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True))
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -432,7 +485,11 @@ class Target:
     def line(self) -> str:
         if self.value is None:
             return f"  n/a   {self.text}: not measured in this run"
-        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        ok = (
+            self.value >= self.limit
+            if self.higher_is_better
+            else self.value <= self.limit
+        )
         sign = ">=" if self.higher_is_better else "<="
         verdict = "PASS" if ok else "FAIL"
         return (
@@ -451,30 +508,76 @@ def share(figures: Figures, name: str, key: str, base: str) -> float | None:
 def targets(figures: Figures) -> list[Target]:
     med = figures.median
     return [
-        Target("end to end, single creates, vs the shape", share(figures, "ptdaemon", "e2e_per_s", "shape"), 0.6, "x", True),
-        Target("end to end, batch creates, vs the bare loop", share(figures, "ptdaemon batch", "e2e_per_s", "bare loop"), 0.5, "x", True),
-        Target("p99 submit-to-arrival at 500/s", med("ptdaemon", "p99_ms_500"), 10, " ms"),
-        Target("lateness p99 of scheduled forms", med("ptdaemon", "late_p99_ms"), 5, " ms"),
-        Target("idle wake-ups per second", med("ptdaemon", "idle_wakeups_per_s"), 0, "/s"),
+        Target(
+            "end to end, single creates, vs the shape",
+            share(figures, "ptdaemon", "e2e_per_s", "shape"),
+            0.6,
+            "x",
+            True,
+        ),
+        Target(
+            "end to end, batch creates, vs the bare loop",
+            share(figures, "ptdaemon batch", "e2e_per_s", "bare loop"),
+            0.5,
+            "x",
+            True,
+        ),
+        Target(
+            "p99 submit-to-arrival at 500/s", med("ptdaemon", "p99_ms_500"), 10, " ms"
+        ),
+        Target(
+            "lateness p99 of scheduled forms", med("ptdaemon", "late_p99_ms"), 5, " ms"
+        ),
+        Target(
+            "idle wake-ups per second", med("ptdaemon", "idle_wakeups_per_s"), 0, "/s"
+        ),
         Target("idle CPU, % of a core", med("ptdaemon", "idle_cpu_pct"), 0.05, "%"),
-        Target("CPU seconds per 1,000 deliveries", med("ptdaemon", "cpu_per_1000"), 0.3, " s"),
+        Target(
+            "CPU seconds per 1,000 deliveries",
+            med("ptdaemon", "cpu_per_1000"),
+            0.3,
+            " s",
+        ),
         Target("peak RSS in the burst", med("ptdaemon", "peak_rss_mb"), 60, " MB"),
-        Target("RSS with 1,000,000 scheduled rows", max(figures.get("ptdaemon", "big_peak_rss_mb"), default=None), 100, " MB"),
-        Target("READY after SIGKILL with 1,000,000 rows", med("ptdaemon", "big_ready_s"), 3, " s"),
+        Target(
+            "RSS with 1,000,000 scheduled rows",
+            max(figures.get("ptdaemon", "big_peak_rss_mb"), default=None),
+            100,
+            " MB",
+        ),
+        Target(
+            "READY after SIGKILL with 1,000,000 rows",
+            med("ptdaemon", "big_ready_s"),
+            3,
+            " s",
+        ),
     ]
 
 
 def versions() -> str:
     found = []
-    for package in ("ptdaemon", "aiohttp", "aiosqlite", "uvloop", "msgspec", "celery", "kombu", "redis", "huey", "arq"):
-        try:
-            from importlib.metadata import version
-
+    for package in (
+        "ptdaemon",
+        "aiohttp",
+        "aiosqlite",
+        "uvloop",
+        "msgspec",
+        "celery",
+        "kombu",
+        "redis",
+        "huey",
+        "arq",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
             found.append(f"{package} {version(package)}")
-        except Exception:  # noqa: BLE001 - a peer that is not installed
-            continue
-    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
-    found.append(redis.stdout.split(" sha=")[0].strip() if redis.returncode == 0 else "redis-server missing")
+    redis = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    )
+    found.append(
+        redis.stdout.split(" sha=")[0].strip()
+        if redis.returncode == 0
+        else "redis-server missing"
+    )
     return ", ".join(found)
 
 
@@ -484,7 +587,8 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    return f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {cpu}, Linux {platform.release()}"
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"{python}, {os.cpu_count()} cores, {cpu}, Linux {platform.release()}"
 
 
 def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> str:
@@ -493,9 +597,10 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
         f"machine: {machine()}",
         f"versions: {versions()}",
         f"load average (1, 5, 15 min) before / after: {loads[0]} / {loads[-1]}",
-        f"rounds: {plan.rounds}; burst {plan.forms:,} forms ({plan.peer_forms:,} for the"
-        f" queue peers); open loop {', '.join(map(str, plan.rates))}/s for"
-        f" {plan.rate_seconds:g} s; {plan.scheduled} forms scheduled 2 s ahead; took {seconds:.0f} s",
+        f"rounds: {plan.rounds}; burst {plan.forms:,} forms"
+        f" ({plan.peer_forms:,} for the queue peers);"
+        f" open loop {', '.join(map(str, plan.rates))}/s for {plan.rate_seconds:g} s;"
+        f" {plan.scheduled} forms scheduled 2 s ahead; took {seconds:.0f} s",
         "",
         "Burst: medians over rounds (min-max)",
         table(figures, systems, COLUMNS),
@@ -504,8 +609,16 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
         table(
             figures,
             systems,
-            [(f"{kind}_ms_{rate}", f"{kind} @{rate}/s", 1) for rate in plan.rates for kind in ("p50", "p99")]
-            + [("late_p50_ms", "late p50", 1), ("late_p99_ms", "late p99", 1), ("late_max_ms", "late max", 1)],
+            [
+                (f"{kind}_ms_{rate}", f"{kind} @{rate}/s", 1)
+                for rate in plan.rates
+                for kind in ("p50", "p99")
+            ]
+            + [
+                ("late_p50_ms", "late p50", 1),
+                ("late_p99_ms", "late p99", 1),
+                ("late_max_ms", "late max", 1),
+            ],
         ),
         "",
         "Ratios of medians",
@@ -518,8 +631,12 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
             table(
                 figures,
                 systems,
-                [("idle_rows", "scheduled", 0), ("idle_cpu_pct", "CPU %", 3),
-                 ("idle_wakeups_per_s", "wake-ups/s", 1), ("idle_rss_mb", "RSS MB", 1)],
+                [
+                    ("idle_rows", "scheduled", 0),
+                    ("idle_cpu_pct", "CPU %", 3),
+                    ("idle_wakeups_per_s", "wake-ups/s", 1),
+                    ("idle_rss_mb", "RSS MB", 1),
+                ],
             ),
         ]
     if figures.get("ptdaemon", "big_ready_s"):
@@ -530,14 +647,19 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
         recovered = figures.get("ptdaemon", "big_recovered")
         parts += [
             "",
-            f"ptdaemon with {plan.big_rows:,} rows, {plan.big_processing:,} in processing"
+            f"ptdaemon with {plan.big_rows:,} rows,"
+            f" {plan.big_processing:,} in processing"
             " (first start, then after SIGKILL):",
             "  READY (/readyz 200, polled by the bench every 10 ms): "
             + ", ".join(f"{v:.2f} s" for v in ready)
-            + "; 'daemon ready' logged after: " + ", ".join(f"{v:.2f} s" for v in logged),
-            "  RSS 3 s after READY: " + ", ".join(f"{v:.1f} MB" for v in rss)
-            + "; peak: " + ", ".join(f"{v:.1f} MB" for v in peak)
-            + "; recovered attempts delivered: " + ", ".join(f"{v:,.0f}" for v in recovered),
+            + "; 'daemon ready' logged after: "
+            + ", ".join(f"{v:.2f} s" for v in logged),
+            "  RSS 3 s after READY: "
+            + ", ".join(f"{v:.1f} MB" for v in rss)
+            + "; peak: "
+            + ", ".join(f"{v:.1f} MB" for v in peak)
+            + "; recovered attempts delivered: "
+            + ", ".join(f"{v:,.0f}" for v in recovered),
         ]
     lost = sum(sum(figures.get(name, "lost")) for name in systems)
     dups = sum(sum(figures.get(name, "duplicates")) for name in systems)
@@ -557,7 +679,9 @@ async def run(plan: Plan, children: Children, json_out: Path | None) -> int:
         env = Env(children, Path(work), receiver.url + "/forms", itertools.count())
         try:
             for number in range(plan.rounds):
-                print(f"round {number + 1} of {plan.rounds}", file=sys.stderr, flush=True)
+                print(
+                    f"round {number + 1} of {plan.rounds}", file=sys.stderr, flush=True
+                )
                 # Alternate the order too, so that drift does not favour one system.
                 order = plan.systems if number % 2 == 0 else plan.systems[::-1]
                 for name in order:
@@ -576,20 +700,37 @@ async def run(plan: Plan, children: Children, json_out: Path | None) -> int:
     print(report(figures, plan, loads, time.monotonic() - begun))
     if json_out is not None:
         json_out.write_text(json.dumps(figures.values, indent=1))
-    lost = sum(sum(figures.get(name, "lost")) + sum(figures.get(name, "duplicates")) for name in figures.values)
+    lost = sum(
+        sum(figures.get(name, "lost")) + sum(figures.get(name, "duplicates"))
+        for name in figures.values
+    )
     return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="ptdaemon and the shape, a few hundred forms")
-    parser.add_argument("--systems", help="comma-separated names, of: " + ", ".join(ALL))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="ptdaemon and the shape, a few hundred forms",
+    )
+    parser.add_argument(
+        "--systems", help="comma-separated names, of: " + ", ".join(ALL)
+    )
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--forms", type=int, help="burst size for ptdaemon, the shape and the bare loop")
-    parser.add_argument("--peer-forms", type=int, help="burst size for Celery, huey and arq")
+    parser.add_argument(
+        "--forms", type=int, help="burst size for ptdaemon, the shape and the bare loop"
+    )
+    parser.add_argument(
+        "--peer-forms", type=int, help="burst size for Celery, huey and arq"
+    )
     parser.add_argument("--no-idle", action="store_true")
     parser.add_argument("--no-big", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write every figure as JSON here")
+    parser.add_argument(
+        "--json", type=Path, help="also write every figure as JSON here"
+    )
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.systems:

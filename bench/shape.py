@@ -9,6 +9,7 @@ aiohttp client session; no store, no attempt records, no retries. Run as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import sys
@@ -40,13 +41,16 @@ class Shape:
         self.slots = asyncio.Semaphore(100)
         self.per_host = asyncio.Semaphore(10)
         self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def push(self, item: Create) -> dict[str, str]:
         due = time.time()
         if item.scheduled_at is not None:
             due = datetime.fromisoformat(item.scheduled_at).timestamp()
         key = str(uuid.uuid4())
-        heapq.heappush(self.heap, (due, next(self.seq), key, msgspec.json.encode(item.data)))
+        heapq.heappush(
+            self.heap, (due, next(self.seq), key, msgspec.json.encode(item.data))
+        )
         self.changed.set()
         return {"id": key, "status": "pending"}
 
@@ -66,12 +70,12 @@ class Shape:
             while not self.heap or self.heap[0][0] > time.time():
                 self.changed.clear()
                 delay = self.heap[0][0] - time.time() if self.heap else None
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), delay)
-                except TimeoutError:
-                    pass
             _, _, _, body = heapq.heappop(self.heap)
-            asyncio.create_task(self.deliver(body))
+            task = asyncio.create_task(self.deliver(body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def deliver(self, body: bytes) -> None:
         assert self.session is not None

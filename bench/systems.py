@@ -51,7 +51,9 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-async def wait_for_log(path: Path, pattern: re.Pattern[str], proc: Any) -> re.Match[str]:
+async def wait_for_log(
+    path: Path, pattern: re.Pattern[str], proc: Any
+) -> re.Match[str]:
     """Wait for a line of a child's log (start-up only: the bench may poll)."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -143,12 +145,16 @@ class ApiSystem(System):
         async with self.session.post(self.base + path, data=data, headers=headers) as r:
             payload = await r.read()
             if r.status not in (201, 202):
-                raise RuntimeError(f"{self.name}: {path} answered {r.status}: {payload[:300]!r}")
+                raise RuntimeError(
+                    f"{self.name}: {path} answered {r.status}: {payload[:300]!r}"
+                )
             return json.loads(payload)
 
     async def _create_many(self, bodies: list[Form]) -> None:
         for start in range(0, len(bodies), 1000):
-            await self._post("/v1/submissions/batch", {"items": bodies[start : start + 1000]})
+            await self._post(
+                "/v1/submissions/batch", {"items": bodies[start : start + 1000]}
+            )
 
     async def burst(self, forms: Sequence[Form]) -> float:
         if self.batch:
@@ -179,11 +185,15 @@ class ApiSystem(System):
             delay = start + index / rate - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self._post("/v1/submissions", self._body(form))))
+            tasks.append(
+                asyncio.create_task(self._post("/v1/submissions", self._body(form)))
+            )
         await asyncio.gather(*tasks)
 
     async def at(self, forms: Sequence[Form], dues: Sequence[float]) -> None:
-        await self._create_many([self._body(f, d) for f, d in zip(forms, dues, strict=True)])
+        await self._create_many(
+            [self._body(f, d) for f, d in zip(forms, dues, strict=True)]
+        )
 
     async def stop(self, env: Env) -> None:
         if self.session is not None:
@@ -232,7 +242,14 @@ class Ptdaemon(ApiSystem):
         offset = log.stat().st_size if log.exists() else 0
         started = time.monotonic()
         self.proc = env.children.start(
-            [PYTHON, "-m", "ptdaemon", "serve", "--config", str(self.root / "config.toml")],
+            [
+                PYTHON,
+                "-m",
+                "ptdaemon",
+                "serve",
+                "--config",
+                str(self.root / "config.toml"),
+            ],
             log=log,
             cwd=self.root,
         )
@@ -247,7 +264,9 @@ class Ptdaemon(ApiSystem):
 
     async def _template(self, target: str) -> str:
         assert self.session is not None
-        async with self.session.get(self.base + "/v1/templates", headers=self.headers) as r:
+        async with self.session.get(
+            self.base + "/v1/templates", headers=self.headers
+        ) as r:
             for item in (await r.json())["items"]:
                 if item["name"] == "bench":
                     return str(item["id"])
@@ -342,10 +361,14 @@ class Bare(System):
         return time.time()
 
     async def burst(self, forms: Sequence[Form]) -> float:
-        return await self._command({"mode": "burst", "bodies": list(forms), "concurrency": 100})
+        return await self._command(
+            {"mode": "burst", "bodies": list(forms), "concurrency": 100}
+        )
 
     async def open_loop(self, forms: Sequence[Form], start: float, rate: float) -> None:
-        await self._command({"mode": "open", "bodies": list(forms), "start": start, "rate": rate})
+        await self._command(
+            {"mode": "open", "bodies": list(forms), "start": start, "rate": rate}
+        )
 
     async def at(self, forms: Sequence[Form], dues: Sequence[float]) -> None:
         await self._command({"mode": "at", "bodies": list(forms), "dues": list(dues)})
@@ -364,9 +387,21 @@ async def start_redis(env: Env, folder: Path) -> tuple[subprocess.Popen[bytes], 
     port = free_port()
     proc = env.children.start(
         [
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--dir", str(folder), "--loglevel", "warning",
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(folder),
+            "--loglevel",
+            "warning",
         ],
         log=folder / "redis.log",
     )
@@ -431,11 +466,23 @@ class CeleryPrefork(ThreadProducer):
         self.redis, port = await start_redis(env, folder)
         url = f"redis://127.0.0.1:{port}/0"
         self.worker = env.children.start(
-            [PYTHON, "-m", "celery", "-A", "bench.peers.celery_app", "worker",
-             "--loglevel", "INFO", *self.pool_args],
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "bench.peers.celery_app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                *self.pool_args,
+            ],
             log=folder / "worker.log",
-            env={"BENCH_REDIS_URL": url, "BENCH_TARGET_URL": env.target,
-                 "BENCH_CELERY": self.mode},
+            env={
+                "BENCH_REDIS_URL": url,
+                "BENCH_TARGET_URL": env.target,
+                "BENCH_CELERY": self.mode,
+            },
             cwd=REPO,
         )
         self.app = Celery("bench", broker=url, backend=url)
@@ -465,8 +512,13 @@ class CeleryTuned(CeleryPrefork):
     name = "celery tuned"
     mode = "tuned"
     pool_args: ClassVar[list[str]] = [
-        "--pool", "threads", "--concurrency", "16",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--pool",
+        "threads",
+        "--concurrency",
+        "16",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
     ]
 
 
@@ -483,8 +535,16 @@ class Huey(ThreadProducer):
         folder = env.folder("huey")
         db = folder / "huey.db"
         self.worker = env.children.start(
-            [PYTHON, "-m", "huey.bin.huey_consumer", "bench.peers.huey_app.huey",
-             "--workers", "8", "--worker-type", "thread"],
+            [
+                PYTHON,
+                "-m",
+                "huey.bin.huey_consumer",
+                "bench.peers.huey_app.huey",
+                "--workers",
+                "8",
+                "--worker-type",
+                "thread",
+            ],
             log=folder / "consumer.log",
             env={"BENCH_HUEY_DB": str(db), "BENCH_TARGET_URL": env.target},
             cwd=REPO,
@@ -575,7 +635,14 @@ class Arq(System):
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
     for cls in (
-        Ptdaemon, PtdaemonBatch, Shape, ShapeBatch, Bare,
-        CeleryPrefork, CeleryTuned, Huey, Arq,
+        Ptdaemon,
+        PtdaemonBatch,
+        Shape,
+        ShapeBatch,
+        Bare,
+        CeleryPrefork,
+        CeleryTuned,
+        Huey,
+        Arq,
     )
 }

@@ -22,4 +22,3 @@ def make_huey(filename: str) -> tuple[SqliteHuey, Any]:
         return post_json(TARGET, body)
 
     return queue, post
-
