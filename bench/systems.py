@@ -226,6 +226,8 @@ class Ptdaemon(ApiSystem):
     def __init__(self) -> None:
         super().__init__()
         self.root: Path | None = None
+        # A command to run the daemon under, such as a profiler.
+        self.wrapper: list[str] = []
 
     async def start(self, env: Env, root: Path | None = None) -> None:
         self.root = root or env.folder("ptdaemon")
@@ -243,6 +245,7 @@ class Ptdaemon(ApiSystem):
         started = time.monotonic()
         self.proc = env.children.start(
             [
+                *self.wrapper,
                 PYTHON,
                 "-m",
                 "ptdaemon",
