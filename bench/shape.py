@@ -3,7 +3,8 @@
 The same API routes (single and batch create), a due-time heap woken by an
 event or one timer, a global and a per-destination limit, and one shared
 aiohttp client session; no store, no attempt records, no retries. Run as
-`python -m bench.shape URL`; prints its port, serves until stdin closes.
+`python -m bench.shape URL CONCURRENCY PER_HOST`; prints its port, serves
+until stdin closes.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ class Batch(msgspec.Struct):
 
 
 class Shape:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, concurrency: int, per_host: int) -> None:
         self.url = url
         self.heap: list[tuple[float, int, str, bytes]] = []
         self.seq = itertools.count()
         self.changed = asyncio.Event()
-        self.slots = asyncio.Semaphore(100)
-        self.per_host = asyncio.Semaphore(10)
+        self.slots = asyncio.Semaphore(concurrency)
+        self.per_host = asyncio.Semaphore(per_host)
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -90,8 +91,8 @@ class Shape:
             self.slots.release()
 
 
-async def serve(url: str) -> None:
-    shape = Shape(url)
+async def serve(url: str, concurrency: int, per_host: int) -> None:
+    shape = Shape(url, concurrency, per_host)
     app = web.Application()
     app.router.add_post("/v1/submissions", shape.create)
     app.router.add_post("/v1/submissions/batch", shape.batch)
@@ -109,4 +110,4 @@ async def serve(url: str) -> None:
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(serve(sys.argv[1]))
+    uvloop.run(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

@@ -112,7 +112,7 @@ class ApiSystem(System):
     """Creates over ptdaemon's routes, single or in batches."""
 
     batch: ClassVar[bool] = False
-    single_concurrency = 16
+    single_concurrency = 64
     batch_size = 500
     batch_concurrency = 2
 
@@ -204,7 +204,13 @@ class ApiSystem(System):
             self.proc = None
 
 
-PTDAEMON_CONFIG = """\
+# The one destination may take every attempt in flight, in ptdaemon and in
+# its shape alike: with synchronous=FULL each attempt waits for two commits,
+# so ten at a time (the default per host) would measure fsync latency.
+CONCURRENCY = 100
+PER_HOST = 100
+
+PTDAEMON_CONFIG = f"""\
 [daemon]
 state_dir = "state"
 log_level = "info"
@@ -213,6 +219,8 @@ listen = "127.0.0.1:0"
 rate_per_second = 0
 [dispatch]
 timeout_seconds = 30
+concurrency = {CONCURRENCY}
+per_host_concurrency = {PER_HOST}
 [limits]
 unfinished_per_user = 100000000
 [security]
@@ -311,7 +319,7 @@ class Shape(ApiSystem):
 
     async def start(self, env: Env) -> None:
         self.proc = env.children.start(
-            [PYTHON, "-m", "bench.shape", env.target],
+            [PYTHON, "-m", "bench.shape", env.target, str(CONCURRENCY), str(PER_HOST)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
