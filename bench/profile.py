@@ -69,20 +69,21 @@ def summarise(collapsed: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-async def profile(count: int, out: Path, children: Children) -> Path:
+async def profile(count: int, out: Path, children: Children, spy: bool) -> Path:
     collapsed = out / "ptdaemon.collapsed.txt"
     with tempfile.TemporaryDirectory(prefix="ptdaemon-profile-") as work:
         receiver = Receiver(children, Path(work) / "receiver.log")
         env = Env(children, Path(work), receiver.url + "/forms", itertools.count())
         daemon = Ptdaemon()
-        spy = str(Path(sys.executable).with_name("py-spy"))
-        daemon.wrapper = [spy, "record", "--format", "raw", "--rate", "250"]
-        daemon.wrapper += ["--output", str(collapsed), "--threads", "--"]
+        if spy:
+            program = str(Path(sys.executable).with_name("py-spy"))
+            daemon.wrapper = [program, "record", "--format", "raw", "--rate", "250"]
+            daemon.wrapper += ["--output", str(collapsed), "--threads", "--"]
         try:
             await daemon.start(env)
             batch = forms("profile", count)
             assert daemon.proc is not None
-            pid = descendants(daemon.proc.pid)[1]
+            pid = descendants(daemon.proc.pid)[1 if spy else 0]
             before = thread_cpu(pid)
             started = time.time()
             await daemon.burst(batch)
@@ -92,7 +93,7 @@ async def profile(count: int, out: Path, children: Children) -> Path:
             seconds = max(arrivals.values()) - started
             print(
                 f"{len(arrivals)} of {count} forms arrived in {seconds:.1f} s"
-                f" ({count / seconds:,.0f}/s under the profiler),"
+                f" ({count / seconds:,.0f}/s),"
                 f" {duplicates} duplicates",
                 file=sys.stderr,
             )
@@ -122,15 +123,19 @@ def main() -> int:
     parser.add_argument("--forms", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--no-spy", action="store_true", help="only the CPU of each thread"
+    )
     args = parser.parse_args()
     children = Children()
     try:
         import uvloop
 
-        collapsed = uvloop.run(profile(args.forms, args.out, children))
+        collapsed = uvloop.run(profile(args.forms, args.out, children, not args.no_spy))
     finally:
         children.stop_all()
-    print(summarise(collapsed, args.top))
+    if not args.no_spy:
+        print(summarise(collapsed, args.top))
     return 0
 
 

@@ -104,6 +104,9 @@ class System:
     async def stop(self, env: Env) -> None:
         raise NotImplementedError
 
+    async def quiesce(self) -> None:
+        """Close the bench's own connections to the system before an idle window."""
+
 
 # -- systems with ptdaemon's API: ptdaemon itself and its shape -------------
 
@@ -194,6 +197,11 @@ class ApiSystem(System):
         await self._create_many(
             [self._body(f, d) for f, d in zip(forms, dues, strict=True)]
         )
+
+    async def quiesce(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
     async def stop(self, env: Env) -> None:
         if self.session is not None:
