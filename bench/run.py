@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -675,6 +676,12 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
 
 
 async def run(plan: Plan, children: Children, json_out: Path | None) -> int:
+    # Ctrl-C or SIGTERM cancels the run; the finally clauses stop every child.
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, main_task.cancel)
     begun = time.monotonic()
     loads = [procs.load_average()]
     figures = Figures()
@@ -755,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         return uvloop.run(run(plan, children, args.json))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every started process stopped", file=sys.stderr)
         return 130
     finally:
