@@ -45,23 +45,34 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return found
 
 
+# py-spy counts a thread blocked in these C calls as active: the SQLite
+# connection threads waiting for work (queue get) and the loop's executor
+# thread waiting for a job. Lines of the pinned aiosqlite and of Python 3.11.
+WAITS = ("aiosqlite/core.py:59)", "concurrent/futures/thread.py:81)")
+
+
 def summarise(collapsed: Path, top: int) -> str:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        if not stack or stack.endswith(WAITS):
             continue
         count = int(count_text)
-        frames = [frame_name(frame) for frame in stack.split(";")[1:]]
+        thread, *raw = stack.split(";")
+        frames = [frame_name(frame) for frame in raw]
         if not frames:
             continue
+        threads[thread.split(": ", 1)[-1]] += count
         total += count
         own[frames[-1]] += count
         for name in set(frames):
             inclusive[name] += count
-    lines = [f"{total} samples (all threads, active only)", "", "own time:"]
+    lines = [f"{total} samples (all threads, active, waits left out)", ""]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in threads.most_common()]
+    lines += ["", "own time:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in own.most_common(top)]
     lines += ["", "including callees:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(top)]
