@@ -193,7 +193,7 @@ async def measure_burst(
     before = procs.usage(roots)
     started = time.time()
     accepted = await system.burst(batch)
-    started = getattr(system, "started", 0.0) or started
+    started = system.started or started
     arrivals, missing, duplicates = await deliveries(
         receiver, ids, max(120.0, count / 20)
     )
