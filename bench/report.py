@@ -226,6 +226,7 @@ def report(figures: Figures, plan: Plan, loads: list[str], seconds: float) -> st
                 ("late_p50_ms", "late p50", 1),
                 ("late_p99_ms", "late p99", 1),
                 ("late_max_ms", "late max", 1),
+                ("late_min_ms", "late min", 1),
                 ("early", "early", 0),
             ],
         ),

@@ -230,6 +230,7 @@ async def measure_at(
     figures.add(system.name, "late_p50_ms", percentile(late, 0.5))
     figures.add(system.name, "late_p99_ms", percentile(late, 0.99))
     figures.add(system.name, "late_max_ms", max(late))
+    figures.add(system.name, "late_min_ms", min(late))
     figures.add(system.name, "early", sum(1 for value in late if value < 0))
     await receiver.reset()
 
