@@ -1,6 +1,6 @@
 """Run the same workloads through every system in alternating rounds; print figures.
 
-    .venv/bin/python -m bench.run           # the full run (about 20 minutes)
+    .venv/bin/python -m bench.run           # the full run (about 16 minutes)
     .venv/bin/python -m bench.run --smoke   # ptdaemon and the shape, 300 forms
 
 Each round starts every system afresh, in turn, and measures: end-to-end
