@@ -39,7 +39,7 @@ def main() -> None:
             cpu.append((time.process_time() - started_cpu) * 1000)
         conn.close()
     # CPU time is shown too: on a shared machine it varies less than wall time.
-    print(  # noqa: T201 - a benchmark's report
+    print(
         f"stats over {count} submissions, {len(seeded.attempts)} attempts:"
         f" median {statistics.median(timings):.1f} ms,"
         f" slowest {max(timings):.1f} ms, median CPU"
