@@ -316,6 +316,9 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            if self.listen_address and self.listen_address.startswith("unix:"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.listen_address.removeprefix("unix:"))
         await close_dispatchers(self._dispatchers)
         if self._store is not None:
             await self._store.close()

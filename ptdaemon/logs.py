@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO, Any, Final
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from ptdaemon.redact import MASK
 
 # API requests go to this logger, one line each: message "request finished",
@@ -118,6 +120,37 @@ class JsonFormatter(_Formatter):
             document["stack"] = self.formatStack(record.stack_info)
 
         return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class BadRequestFilter(logging.Filter):
+    """Turn aiohttp's traceback for an unparsable request into one quiet line.
+
+    The parser's message quotes the offending header line, which may carry a
+    bearer token, and any client can send such requests: keep neither the
+    text nor the traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.levelno >= logging.ERROR:
+            remote = record.args[0] if isinstance(record.args, tuple) else None
+            record.msg = "bad http request"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.__dict__.update(
+                {"remote": remote, "error": type(exc).__name__, "status": exc.code}
+            )
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install BadRequestFilter on aiohttp's server logger, once."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server.filters):
+        server.addFilter(BadRequestFilter())
 
 
 class _Handler(logging.StreamHandler[IO[str]]):

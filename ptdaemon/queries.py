@@ -891,6 +891,7 @@ def queue_summary(conn: sqlite3.Connection, now: float) -> QueueSummary:
 
 # -- retention ---------------------------------------------------------------
 
+
 def delete_finished(conn: sqlite3.Connection, before: float, limit: int) -> int:
     """Delete up to `limit` finished submissions last changed before `before`,
     with their attempts; return how many."""

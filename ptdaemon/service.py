@@ -7,6 +7,7 @@ maps to its JSON body.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -39,8 +40,8 @@ from ptdaemon.mapping import (
 )
 from ptdaemon.metrics import UNKNOWN_METHOD, Metrics
 from ptdaemon.models import (
-    FieldMap,
     Method,
+    PreviewIn,
     Stats,
     Status,
     Submission,
@@ -54,7 +55,7 @@ from ptdaemon.redact import MASK, unmask_target
 from ptdaemon.scheduler import Scheduler
 from ptdaemon.signing import generate_secret
 from ptdaemon.store import Store
-from ptdaemon.templates import AUTO_SECRET, TemplateRules, convert
+from ptdaemon.templates import AUTO_SECRET, TemplateRules, check_name, convert
 from ptdaemon.timeutil import now as wall_now
 from ptdaemon.timeutil import parse_time
 
@@ -66,8 +67,48 @@ ADMIN_NAME: Final = "admin"
 LATEST_TIME: Final = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
+def write_token_file(path: Path, token: str) -> None:
+    """Write a token file, owner-only from the first byte, replacing any old one."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # A header that is not valid UTF-8 arrives with surrogates: it matches no
+    # token, but it must hash like anything else.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+IDEMPOTENCY_KEY_MAX: Final = 255
+
+
+def _check_header_key(key: str) -> None:
+    """The Idempotency-Key header obeys the body field's rules."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidError(
+            "Idempotency-Key is not valid UTF-8", code="invalid"
+        ) from None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise InvalidError(
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
+            code="invalid",
+        )
 
 
 def new_token() -> str:
@@ -99,6 +140,7 @@ class Service:
             base_dir=base_dir,
         )
         self.templates_per_user = templates_per_user
+        self.token_path: Path | None = None
         self.unfinished_per_user = unfinished_per_user
 
     # -- users -------------------------------------------------------------
@@ -112,6 +154,7 @@ class Service:
 
     async def ensure_admin(self, token_path: Path) -> User | None:
         """On a first start, create `admin` and write its token file once."""
+        self.token_path = token_path
         count = await self.store.read(queries.count_users)
         if count:
             return None
@@ -122,17 +165,14 @@ class Service:
         await self.store.write(
             lambda c: queries.insert_user(c, user, hash_token(token))
         )
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        await asyncio.to_thread(write_token_file, token_path, token)
         log.info("admin user created", extra={"path": str(token_path)})
         return user
 
     async def create_user(self, actor: User, body: Any) -> tuple[User, str]:
         _require_admin(actor)
         spec: UserIn = convert(body, UserIn, "user")
+        check_name(spec.name, "name")
         token = new_token()
         user = User(
             id=str(uuid.uuid4()),
@@ -173,6 +213,10 @@ class Service:
         token = new_token()
         digest = hash_token(token)
         user = await self.store.write(lambda c: queries.set_token(c, user_id, digest))
+        if user.name == ADMIN_NAME and self.token_path is not None:
+            # The CLI reads this file: it must not keep a token that is dead.
+            await asyncio.to_thread(write_token_file, self.token_path, token)
+            log.info("admin token file rewritten", extra={"path": str(self.token_path)})
         log.info("user token rotated", extra={"user_id": user_id})
         return user, token
 
@@ -250,13 +294,13 @@ class Service:
 
     async def preview(self, user: User, template_id: str, body: Any) -> Any:
         template = await self.get_template(user, template_id)
-        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-            raise InvalidError('preview needs {"data": {...}}')
-        data = body["data"]
+        spec: PreviewIn = convert(body, PreviewIn, "preview")
+        data = spec.data
+        check_data(data)
         field_map = template.field_map
-        if body.get("field_map") is not None:
+        if spec.field_map is not None:
             # A map being edited, tried on the sample before it is saved.
-            field_map = convert(body["field_map"], FieldMap, "field_map")
+            field_map = spec.field_map
             check_paths(field_map, [])
         missing = missing_required(data, template.required_fields)
         if missing:
@@ -341,6 +385,7 @@ class Service:
         spec: SubmissionIn = convert(body, SubmissionIn, "submission")
         key = spec.idempotency_key
         if header_key is not None:
+            _check_header_key(header_key)
             if key is not None and key != header_key:
                 raise BadRequestError(
                     "Idempotency-Key header and idempotency_key differ",
@@ -382,7 +427,7 @@ class Service:
                 "data": spec.data,
                 "scheduled_at": spec.scheduled_at,
             }
-            encoded = msgspec.json.encode(canonical, order="sorted")
+            encoded = msgspec.json.encode(_integral(canonical), order="sorted")
             request_hash = hashlib.sha256(encoded).hexdigest()
         return queries.NewSubmission(sub, request_hash), template.method
 
@@ -532,3 +577,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers as values: 1.0 and 1 are one number, so they hash alike."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value

@@ -19,6 +19,19 @@ from ptdaemon.signing import generate_secret, secret_bytes
 AUTO_SECRET = "auto"  # noqa: S105 - asks for a generated secret
 
 
+def check_name(name: str, what: str) -> None:
+    """A name is printable characters, not only spaces.
+
+    Format characters such as a right-to-left override count as unprintable:
+    they make one name look like another.
+    """
+    if not name.strip() or not name.isprintable():
+        raise InvalidError(
+            f"{what}: must be printable characters, not only spaces",
+            code="invalid",
+        )
+
+
 def convert(value: Any, kind: type[Any], what: str) -> Any:
     """msgspec.convert with a 422 that names the field."""
     try:
@@ -48,6 +61,7 @@ class TemplateRules:
 
         Returns it with the signing secret to show once (a generated one).
         """
+        check_name(spec.name, "name")
         if spec.method is Method.CUSTOM and not user.admin:
             raise ForbiddenError("only an admin can use CUSTOM templates")
         target = self.check_target(spec)

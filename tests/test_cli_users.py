@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import sqlite3
+import stat
 from collections.abc import Iterator
 
 import pytest
@@ -120,3 +121,19 @@ def test_a_bad_name_is_refused_in_one_line(served: Served):
     result = client(served, "users", "add", "")
     assert result.returncode == 2
     assert "name" in one_line(result.stderr)
+
+
+def test_rotating_the_admin_token_rewrites_the_token_file(served: Served):
+    token_file = served.root / "state" / "admin.token"
+    old = token_file.read_text().strip()
+    result = client(served, "users", "rotate-token", "admin", "--json")
+    assert result.returncode == 0, result.stderr
+    new = json.loads(result.stdout)["token"]
+    assert token_file.read_text().strip() == new
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert status_with(served, old) == 401
+    # The CLI reads the file, so it keeps working.
+    listed = client(served, "users", "list")
+    assert listed.returncode == 0, listed.stderr
+    leftovers = [p.name for p in token_file.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []

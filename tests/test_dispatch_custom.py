@@ -24,6 +24,10 @@ def where_am_i(payload: dict[str, Any], context: PluginContext) -> dict[str, Any
     return {"thread": threading.current_thread().name, "got": payload}
 
 
+def returns_a_lot(payload: dict[str, Any], context: PluginContext) -> Any:
+    return {"blob": "x" * (200 * 1024)}
+
+
 def returns_an_object(payload: dict[str, Any], context: PluginContext) -> Any:
     return object()
 
@@ -153,6 +157,17 @@ async def test_a_value_that_is_not_json_is_a_system_error(
         )
 
     assert caught.value.category is ErrorCategory.SYSTEM
+
+
+async def test_a_reply_over_64_kib_completes_without_being_kept(
+    dispatcher: CustomDispatcher,
+):
+    result = await dispatcher.deliver(
+        delivery("tests.test_dispatch_custom:returns_a_lot")
+    )
+
+    assert result.response_data is None
+    assert result.details["response_bytes"] > 200 * 1024
 
 
 async def test_a_hung_plugin_times_out_and_others_still_run(

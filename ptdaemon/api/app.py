@@ -17,6 +17,7 @@ from ptdaemon.errors import (
     StorageUnavailableError,
     StoreError,
 )
+from ptdaemon.logs import quiet_bad_requests
 from ptdaemon.metrics import Metrics
 from ptdaemon.models import User
 from ptdaemon.service import Service
@@ -35,6 +36,8 @@ METRICS_KEY: Final = web.AppKey("metrics", Metrics)
 METRICS_PUBLIC_KEY: Final = web.AppKey("metrics_public", bool)
 USER_KEY: Final = web.RequestKey("user", User)
 STORAGE_RETRY_AFTER: Final = "5"
+# A merge patch (RFC 7396) has a media type of its own; both are JSON.
+JSON_TYPES: Final = frozenset({"application/json", "application/merge-patch+json"})
 
 _encoder = msgspec.json.Encoder()
 
@@ -93,7 +96,7 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
     raw = await request.read()
     if not raw and optional:
         return None
-    if request.content_type != "application/json":
+    if request.content_type not in JSON_TYPES:
         raise ServiceErrorResponse(
             415, "unsupported_media_type", "the body must be application/json"
         )
@@ -274,6 +277,7 @@ def build_app(
 ) -> web.Application:
     from ptdaemon.api import routes
 
+    quiet_bad_requests()
     app = web.Application(
         client_max_size=max_body_bytes,
         middlewares=[errors_middleware, auth_middleware],

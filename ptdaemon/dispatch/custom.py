@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ptdaemon.dispatch.base import Delivery, Result
+from ptdaemon.dispatch.base import REPLY_READ_BYTES, Delivery, Result
 from ptdaemon.errors import DeliveryError, InvalidError, PermanentFailure, RetryLater
 from ptdaemon.models import CustomTarget, ErrorCategory, Method, Template
 
@@ -192,7 +192,15 @@ class CustomDispatcher:
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
             raise _plugin_failure(name, delivery, exc) from exc
 
-        return Result(response_data=_json_value(name, value))
+        encoded = _json_bytes(name, value)
+        if len(encoded) > REPLY_READ_BYTES:
+            # The work is done: keep the verdict, not a reply too big to store.
+            log.warning(
+                "plugin reply not kept",
+                extra={"handler": name, "bytes": len(encoded)},
+            )
+            return Result(details={"response_bytes": len(encoded)})
+        return Result(response_data=msgspec.json.decode(encoded))
 
     async def close(self) -> None:
         self._pool.shutdown()
@@ -274,10 +282,10 @@ def _plugin_failure(name: str, delivery: Delivery, exc: BaseException) -> Delive
     )
 
 
-def _json_value(name: str, value: Any) -> Any:
-    """Check that a plugin's return value can be stored as JSON."""
+def _json_bytes(name: str, value: Any) -> bytes:
+    """A plugin's return value as JSON, or the error that it is not JSON."""
     try:
-        return msgspec.json.decode(msgspec.json.encode(value))
+        return msgspec.json.encode(value)
     except (msgspec.EncodeError, TypeError, ValueError) as exc:
         raise DeliveryError(
             f"plugin {name} returned a value that is not JSON: {exc}",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -121,16 +123,25 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(state)], timeout=30, check=False)
 
 
+def _write_until_error(fd: int, chunk: bytes) -> int | None:
+    while True:
+        try:
+            os.write(fd, chunk)
+        except OSError as exc:
+            return exc.errno
+
+
 def fill(directory: Path) -> Path:
+    """Write zeros until the file system is full (unbuffered, so nothing is
+    left to flush, and fail, on close)."""
     filler = directory / "filler"
     chunk = b"\0" * 65536
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        stopped_by = _write_until_error(fd, chunk)
+    finally:
+        os.close(fd)
+    assert stopped_by == errno.ENOSPC, os.strerror(stopped_by or 0)
     return filler
 
 

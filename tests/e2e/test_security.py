@@ -362,6 +362,8 @@ async def test_a_unix_socket_is_owner_only(tmp_path: Path):
         proc.terminate()
         proc.wait(15)
         log.close()
+    assert proc.returncode == 0
+    assert not socket_path.exists()
 
 
 # -- destinations ------------------------------------------------------------
