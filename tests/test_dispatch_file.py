@@ -314,7 +314,21 @@ class TestFilename:
         assert _tree(root) == ["sub-1.json"]
 
     @pytest.mark.parametrize(
-        "value", ["../x", "a/b", "a\\b", "a\0b", "..", ".", "", "\u00e9" * 128]
+        "value",
+        [
+            "../x",
+            "a/b",
+            "a\\b",
+            "a\0b",
+            "..",
+            ".",
+            "",
+            "\u00e9" * 128,
+            "a\nb",
+            "a\x7fb",
+            ".hidden",
+            ".ptdaemon-x.tmp",
+        ],
     )
     async def test_unsafe_names_are_refused(
         self,
@@ -335,6 +349,18 @@ class TestFilename:
         assert info.value.details["retryable"] is False
         assert isinstance(info.value.details["exception"], str)
         assert _tree(tmp_path) == before
+
+    async def test_an_empty_value_before_an_extension_is_refused(
+        self, dispatcher: FileDispatcher, root: Path, make_delivery: DeliveryFactory
+    ) -> None:
+        # "{ref}.json" with an empty ref would be ".json" for every submission.
+        target = {"directory": str(root), "filename": "{ref}.json"}
+
+        with pytest.raises(DeliveryError) as info:
+            await dispatcher.deliver(make_delivery(target, {"ref": ""}))
+
+        assert info.value.category is ErrorCategory.VALIDATION
+        assert _tree(root) == []
 
     async def test_255_byte_name_is_allowed(
         self, dispatcher: FileDispatcher, root: Path, make_delivery: DeliveryFactory
@@ -426,7 +452,19 @@ class TestCheckTarget:
         assert "append" in info.value.message
 
     @pytest.mark.parametrize(
-        "filename", ["{id", "id}", "{}", "../{id}.json", "{id}/x", "..", "", "a\0b"]
+        "filename",
+        [
+            "{id",
+            "id}",
+            "{}",
+            "../{id}.json",
+            "{id}/x",
+            "..",
+            "",
+            "a\0b",
+            ".{id}",
+            "a\nb",
+        ],
     )
     def test_bad_filenames_are_refused(
         self, dispatcher: FileDispatcher, root: Path, filename: str

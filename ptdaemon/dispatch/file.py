@@ -84,6 +84,12 @@ def _name_problem(name: str) -> str | None:
         return "must not be empty, '.' or '..'"
     if any(char in name for char in "/\\\0"):
         return "must not contain '/', '\\' or NUL"
+    if any(ord(char) < 0x20 or char == "\x7f" for char in name):
+        return "must not contain control characters"
+    if name.startswith("."):
+        # Hidden, and the name space of the temporary files of atomic writes;
+        # also what an empty placeholder before an extension leaves.
+        return "must not start with '.'"
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
