@@ -141,13 +141,35 @@ class Service:
         )
         self.templates_per_user = templates_per_user
         self.token_path: Path | None = None
+        # What each create reads, kept in memory: a token's user and a
+        # template. Dropped whole on any change of users or templates.
+        self._tokens: dict[str, User] = {}
+        self._templates: dict[str, Template] = {}
+        self._users_generation = 0
+        self._templates_generation = 0
         self.unfinished_per_user = unfinished_per_user
 
     # -- users -------------------------------------------------------------
 
     async def authenticate(self, token: str) -> User | None:
         digest = hash_token(token)
-        return await self.store.read(lambda c: queries.user_by_token(c, digest))
+        user = self._tokens.get(digest)
+        if user is None:
+            generation = self._users_generation
+            user = await self.store.read(lambda c: queries.user_by_token(c, digest))
+            # Only this process changes users, and each change bumps the
+            # generation: an answer read across a change is not kept.
+            if user is not None and generation == self._users_generation:
+                _remember(self._tokens, digest, user)
+        return user
+
+    def _users_changed(self) -> None:
+        self._users_generation += 1
+        self._tokens.clear()
+
+    def _templates_changed(self) -> None:
+        self._templates_generation += 1
+        self._templates.clear()
 
     async def user_by_name(self, name: str) -> User | None:
         return await self.store.read(lambda c: queries.user_by_name(c, name))
@@ -206,6 +228,7 @@ class Service:
         cancelled = await self.store.write(
             lambda c: queries.delete_user(c, user_id, now)
         )
+        self._users_changed()
         log.info("user revoked", extra={"user_id": user_id, "cancelled": cancelled})
 
     async def rotate_token(self, actor: User, user_id: str) -> tuple[User, str]:
@@ -213,6 +236,7 @@ class Service:
         token = new_token()
         digest = hash_token(token)
         user = await self.store.write(lambda c: queries.set_token(c, user_id, digest))
+        self._users_changed()
         if user.name == ADMIN_NAME and self.token_path is not None:
             # The CLI reads this file: it must not keep a token that is dead.
             await asyncio.to_thread(write_token_file, self.token_path, token)
@@ -246,6 +270,7 @@ class Service:
         spec: TemplateIn = convert(merged, TemplateIn, "template")
         template, shown = self.rules.build(user, spec, old, wall_now())
         await self.store.write(lambda c: queries.update_template(c, template))
+        self._templates_changed()
         log.info("template updated", extra={"template_id": template.id})
         return template, shown
 
@@ -267,6 +292,7 @@ class Service:
             await self.store.write(lambda c: queries.insert_template(c, template))
         else:
             await self.store.write(lambda c: queries.update_template(c, template))
+        self._templates_changed()
         return template
 
     def template_input(self, template: Template) -> dict[str, Any]:
@@ -290,6 +316,7 @@ class Service:
         await self.store.write(
             lambda c: queries.delete_template(c, template_id, user.id)
         )
+        self._templates_changed()
         log.info("template deleted", extra={"template_id": template_id})
 
     async def preview(self, user: User, template_id: str, body: Any) -> Any:
@@ -327,6 +354,7 @@ class Service:
             updated_at=now,
         )
         await self.store.write(lambda c: queries.update_template(c, template))
+        self._templates_changed()
         log.info("signing secret rotated", extra={"template_id": template_id})
         return secret
 
@@ -437,14 +465,23 @@ class Service:
         except ValueError:
             template = None
         else:
-            template = await self.store.read(
-                lambda c: queries.get_template(c, template_id, user.id)
-            )
-        if template is None:
+            template = await self._cached_template(template_id)
+        if template is None or template.user_id != user.id:
             raise InvalidError(
                 "form_template_id names no template of yours",
                 code="unknown_template",
             )
+        return template
+
+    async def _cached_template(self, template_id: str) -> Template | None:
+        template = self._templates.get(template_id)
+        if template is None:
+            generation = self._templates_generation
+            template = await self.store.read(
+                lambda c: queries.get_template(c, template_id, None)
+            )
+            if template is not None and generation == self._templates_generation:
+                _remember(self._templates, template_id, template)
         return template
 
     async def get_submission(self, user: User, submission_id: str) -> Submission:
@@ -588,3 +625,12 @@ def _integral(value: Any) -> Any:
     if isinstance(value, list):
         return [_integral(v) for v in value]
     return value
+
+
+CACHE_MAX: Final = 10_000
+
+
+def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
+    if len(cache) >= CACHE_MAX:
+        cache.clear()
+    cache[key] = value

@@ -180,3 +180,58 @@ async def test_a_missing_id_stays_404_whatever_its_spelling(client: Client):
         status, body = await client.call("GET", f"/v1/submissions/{spelling}")
         assert status == 404, spelling
         assert error_code(body) == "not_found"
+
+
+async def test_a_template_change_applies_to_the_next_create(client: Client):
+    template = await client.template()
+    path = "/v1/submissions"
+    status, _ = await client.call(
+        "POST", path, {"form_template_id": template["id"], "data": {}}
+    )
+    assert status == 202
+    status, _ = await client.call(
+        "PATCH", f"/v1/templates/{template['id']}", {"required_fields": ["ref"]}
+    )
+    assert status == 200
+    status, body = await client.call(
+        "POST", path, {"form_template_id": template["id"], "data": {}}
+    )
+    assert status == 422
+    assert error_code(body) == "missing_required_fields"
+    status, _ = await client.call(
+        "POST", path, {"form_template_id": template["id"], "data": {"ref": 1}}
+    )
+    assert status == 202
+
+
+async def test_a_deleted_template_takes_no_more_submissions(client: Client):
+    template = await client.template(max_retries=0)
+    body = {
+        "form_template_id": template["id"],
+        "data": {},
+        "scheduled_at": "2999-01-01T00:00:00Z",
+    }
+    status, sub = await client.call("POST", "/v1/submissions", body)
+    assert status == 202
+    await client.call("POST", f"/v1/submissions/{sub['id']}/cancel")
+    status, _ = await client.call("DELETE", f"/v1/templates/{template['id']}")
+    assert status == 204
+    status, answer = await client.call("POST", "/v1/submissions", body)
+    assert status == 422
+    assert error_code(answer) == "unknown_template"
+
+
+async def test_another_users_template_stays_unknown_once_seen(client: Client):
+    template = await client.template()
+    await client.call(
+        "POST", "/v1/submissions", {"form_template_id": template["id"], "data": {}}
+    )
+    _, other = await client.call("POST", "/v1/users", {"name": "other"})
+    status, body = await client.call(
+        "POST",
+        "/v1/submissions",
+        {"form_template_id": template["id"], "data": {}},
+        token=other["token"],
+    )
+    assert status == 422
+    assert error_code(body) == "unknown_template"

@@ -70,6 +70,7 @@ def test_list_prints_one_line_per_user(served: Served):
 def test_rotate_token_stops_the_old_one_at_once(served: Served):
     user = add(served, "rotator")
     old = str(user["token"])
+    assert status_with(served, old) == 200
     result = client(served, "users", "rotate-token", "rotator", "--json")
     assert result.returncode == 0, result.stderr
     new = json.loads(result.stdout)["token"]
