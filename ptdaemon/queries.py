@@ -828,15 +828,29 @@ def _hourly(
     return found
 
 
+DUE_NOW: Final = (
+    "SELECT COUNT(*), MIN(next_retry_at) FROM submissions"
+    " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?"
+)
+
+
+def due_now(
+    conn: sqlite3.Connection, now: float, user_id: str | None = None
+) -> tuple[int, float | None]:
+    """Queued submissions due by `now` (one user's, or everyone's), and how long
+    the oldest of them has waited (None when there is none)."""
+    if user_id is None:
+        depth, oldest = conn.execute(DUE_NOW, (now,)).fetchone()
+    else:
+        depth, oldest = conn.execute(
+            DUE_NOW + " AND user_id = ?", (now, user_id)
+        ).fetchone()
+    return int(depth), None if oldest is None else max(0.0, now - oldest)
+
+
 def user_queue(conn: sqlite3.Connection, user_id: str, now: float) -> QueueStats:
     """A user's queued submissions that are due now, and the oldest one's wait."""
-    depth, oldest = conn.execute(
-        "SELECT COUNT(*), MIN(next_retry_at) FROM submissions"
-        " WHERE user_id = ? AND status IN ('pending', 'retrying')"
-        " AND next_retry_at <= ?",
-        (user_id, now),
-    ).fetchone()
-    age = None if oldest is None else max(0.0, now - oldest)
+    depth, age = due_now(conn, now, user_id)
     return QueueStats(depth=depth, oldest_due_age_seconds=age)
 
 
@@ -852,14 +866,9 @@ def queue_depths(conn: sqlite3.Connection, now: float) -> tuple[dict[str, int], 
     )
     depths = dict.fromkeys(("pending", "processing", "retrying"), 0)
     depths.update(rows.fetchall())
-    oldest = conn.execute(
-        "SELECT MIN(next_retry_at) FROM submissions"
-        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
-        (now,),
-    ).fetchone()[0]
-    age = 0.0 if oldest is None else max(0.0, now - oldest)
+    _, age = due_now(conn, now)
 
-    return depths, age
+    return depths, age or 0.0
 
 
 # -- health ------------------------------------------------------------------
@@ -874,18 +883,15 @@ class QueueSummary(msgspec.Struct, kw_only=True):
 
 
 def queue_summary(conn: sqlite3.Connection, now: float) -> QueueSummary:
-    due = conn.execute(
-        "SELECT count(*), min(next_retry_at) FROM submissions"
-        " WHERE status IN ('pending', 'retrying') AND next_retry_at <= ?",
-        (now,),
-    ).fetchone()
+    depth, age = due_now(conn, now)
     processing = conn.execute(
         "SELECT count(*) FROM submissions WHERE status = 'processing'"
     ).fetchone()
-    oldest = None if due[1] is None else round(max(0.0, now - due[1]), 3)
 
     return QueueSummary(
-        depth=int(due[0]), processing=int(processing[0]), oldest_due_age_seconds=oldest
+        depth=depth,
+        processing=int(processing[0]),
+        oldest_due_age_seconds=None if age is None else round(age, 3),
     )
 
 
