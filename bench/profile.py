@@ -81,6 +81,7 @@ def summarise(collapsed: Path, top: int) -> str:
 
 
 async def profile(count: int, out: Path, children: Children, spy: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
     collapsed = out / "ptdaemon.collapsed.txt"
     with tempfile.TemporaryDirectory(prefix="ptdaemon-profile-") as work:
         receiver = Receiver(children, Path(work) / "receiver.log")

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ptdaemon import queries
 from ptdaemon.api.app import STATE_KEY, build_app
+from ptdaemon.cache import TemplateCache
 from ptdaemon.config import Config, load_config
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.dispatch.http import ResolverFactory
@@ -188,6 +189,7 @@ class Daemon:
         self._store = store = await Store.open(state_dir / DB_NAME)
         store.on_commit = self.metrics.committed
         self._dispatchers = build_dispatchers(config, resolver=self._resolver)
+        templates = TemplateCache(store)
         self._engine = engine = Engine(
             store,
             self._dispatchers,
@@ -195,6 +197,7 @@ class Daemon:
             per_destination=config.dispatch.per_host_concurrency,
             window=config.dispatch.heap_window,
             metrics=self.metrics,
+            templates=templates,
         )
         scheduler = engine.scheduler
         self._service = service = Service(
@@ -206,6 +209,7 @@ class Daemon:
             templates_per_user=config.limits.templates_per_user,
             unfinished_per_user=config.limits.unfinished_per_user,
             metrics=self.metrics,
+            templates=templates,
         )
 
         # Users and the templates of the config file.

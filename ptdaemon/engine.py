@@ -14,11 +14,12 @@ import contextlib
 import logging
 import sqlite3
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ptdaemon import crashpoints, queries, retry
+from ptdaemon.cache import TemplateCache
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
 from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
@@ -44,6 +45,39 @@ TIMEOUT_GRACE_SECONDS: Final = 1.0
 STORAGE_RETRY_SECONDS: Final = 1.0
 INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
 FINAL_STATES: Final = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+class _Claim(NamedTuple):
+    """A submission claimed for one attempt, and what the attempt needs."""
+
+    sub: Submission
+    template: Template | None
+    number: int
+    started_at: float
+
+
+class _Slots:
+    """The global limit on attempts, with a take that never waits."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._freed = asyncio.Event()
+
+    def try_acquire(self) -> bool:
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        while self._free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        self._free -= 1
+
+    def release(self) -> None:
+        self._free += 1
+        self._freed.set()
 
 
 @dataclass
@@ -74,12 +108,14 @@ class Engine:
         window: int = 10000,
         clock: Callable[[], float] = wall_now,
         metrics: Metrics | None = None,
+        templates: TemplateCache | None = None,
     ) -> None:
         self._store = store
+        self._templates = templates or TemplateCache(store)
         self._metrics = metrics or Metrics()
         self.scheduler = Scheduler(self.load_window, window=window, clock=clock)
         self._dispatchers = dispatchers
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = _Slots(concurrency)
         self._per_destination = per_destination
         self._waiting_cap = max(100, per_destination * 10)
         self._destinations: dict[str, _Destination] = {}
@@ -118,9 +154,21 @@ class Engine:
             except BaseException:
                 self._slots.release()
                 raise
-            task = asyncio.create_task(self._attempt(entry))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Whatever else is due now and has a place is claimed with it, in
+            # one write.
+            entries = [entry]
+            while self._slots.try_acquire():
+                more = self.scheduler.pop_due()
+                if more is None:
+                    self._slots.release()
+                    break
+                entries.append(more)
+            self._spawn(self._begin(entries))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self, *, grace_seconds: float) -> None:
         """Claim nothing more; give running attempts `grace_seconds`, then cut."""
@@ -145,53 +193,78 @@ class Engine:
 
     # -- one attempt -------------------------------------------------------
 
-    async def _attempt(self, entry: Entry) -> None:
-        """Run one due entry, then whatever queued behind it for its destination."""
+    async def _begin(self, entries: list[Entry]) -> None:
+        """Claim the entries whose destination has room; queue the others.
+
+        Each entry holds one of the global places. It passes, with a place
+        of its destination, to the attempt started for it; entries that start
+        nothing give theirs back here.
+        """
+        ready: list[tuple[_Destination, str, Entry]] = []
         try:
-            if entry[2] in self._parked:
-                return  # a reload brought back an entry already queued here
-            try:
-                found = await self._destination_of(entry[2])
-            except StoreError:
-                self._try_later(entry)
+            for entry in entries:
+                taken = await self._take_place(entry)
+                if taken is None:
+                    self._slots.release()
+                else:
+                    ready.append((*taken, entry))
+            if not ready:
                 return
-            if found is None:
-                return
-            key, template_id = found
-            destination = self._destinations.setdefault(key, _Destination())
-            destination.templates.add(template_id)
-            if destination.active >= self._per_destination:
-                self._park(destination, entry)
-                return
-            destination.active += 1
-            try:
-                await self._run_for(destination, key, entry)
-            finally:
-                self._release_destination(destination, key)
-        finally:
-            self._slots.release()
+            claims = await self._claim([entry for _, _, entry in ready])
+        except BaseException:
+            for destination, key, _ in ready:
+                self._release(destination, key)
+            raise
+        for (destination, key, _), claim in zip(ready, claims, strict=True):
+            self._spawn(self._run_for(destination, key, claim))
+
+    async def _take_place(self, entry: Entry) -> tuple[_Destination, str] | None:
+        """A place at the entry's destination, or None: queued behind it, or stale."""
+        if entry[2] in self._parked:
+            return None  # a reload brought back an entry already queued here
+        try:
+            found = await self._destination_of(entry)
+        except StoreError:
+            self._try_later(entry)
+            return None
+        if found is None:
+            return None
+        key, template_id = found
+        destination = self._destinations.setdefault(key, _Destination())
+        destination.templates.add(template_id)
+        if destination.active >= self._per_destination:
+            self._park(destination, entry)
+            return None
+        destination.active += 1
+        return destination, key
 
     async def _run_for(
-        self, destination: _Destination, key: str, entry: Entry | None
+        self, destination: _Destination, key: str, claim: _Claim | None
     ) -> None:
         # The place this attempt holds passes to the next entry queued for the
         # same destination, so a queue never waits for a place that nobody frees.
-        while True:
-            if entry is not None:
-                try:
-                    await self._claim_and_deliver(entry)
-                except Exception:
-                    log.exception("attempt crashed", extra={"id": entry[2]})
-            if not destination.waiting or self._stopping:
-                return
-            entry = await self._next_waiting(destination, key)
+        try:
+            while True:
+                if claim is not None:
+                    try:
+                        await self._deliver_and_record(claim)
+                    except Exception:
+                        log.exception("attempt crashed", extra={"id": claim.sub.id})
+                if not destination.waiting or self._stopping:
+                    return
+                claim = None
+                entry = await self._next_waiting(destination, key)
+                if entry is not None:
+                    [claim] = await self._claim([entry])
+        finally:
+            self._release(destination, key)
 
     async def _next_waiting(self, destination: _Destination, key: str) -> Entry | None:
         """The next queued entry, unless its template now points elsewhere."""
         entry = destination.waiting.popleft()
         self._parked.discard(entry[2])
         try:
-            found = await self._destination_of(entry[2])
+            found = await self._destination_of(entry)
         except StoreError:
             self._try_later(entry)
             return None
@@ -218,7 +291,9 @@ class Engine:
                 extra={"waiting": len(destination.waiting)},
             )
 
-    def _release_destination(self, destination: _Destination, key: str) -> None:
+    def _release(self, destination: _Destination, key: str) -> None:
+        """Give back a place at `destination` and the global place with it."""
+        self._slots.release()
         destination.active -= 1
         if destination.saturated and not destination.waiting:
             # What was left out of loads while saturated is due again.
@@ -227,15 +302,20 @@ class Engine:
         if destination.active == 0 and not destination.waiting:
             del self._destinations[key]
 
-    async def _destination_of(self, submission_id: str) -> tuple[str, str] | None:
-        """The destination key and template id of a queued submission."""
-        # Ordered: due entries reach their claims in the order they were popped.
-        found = await self._store.read(
-            lambda conn: _queued_template(conn, submission_id), ordered=True
+    async def _destination_of(self, entry: Entry) -> tuple[str, str] | None:
+        """The destination key and template id of an entry; None if it is stale."""
+        template_id = entry[3]
+        if not template_id:
+            # Ordered: due entries reach their claims in the order they were popped.
+            found = await self._store.read(
+                lambda conn: _queued_template_id(conn, entry[2]), ordered=True
+            )
+            if found is None:
+                return None
+            template_id = found
+        template = self._templates.peek(template_id) or await self._templates.get(
+            template_id
         )
-        if found is None:
-            return None
-        template_id, template = found
         if template is None:
             # The attempt fails and records why; any key will do.
             return "missing-template", template_id
@@ -244,42 +324,55 @@ class Engine:
         if dispatcher is not None:
             with contextlib.suppress(Exception):
                 key = dispatcher.destination_key(template)
-
         return key, template.id
 
-    async def _claim_and_deliver(self, entry: Entry) -> None:
-        submission_id = entry[2]
+    async def _claim(self, entries: list[Entry]) -> list[_Claim | None]:
+        """Mark the entries `processing` in one write; None for each not claimed."""
+        ids = [entry[2] for entry in entries]
         started_at = self._clock()
         try:
-            claim = await self._store.write(
-                lambda conn: queries.claim(conn, submission_id, started_at)
+            rows = await self._store.write(
+                lambda conn: queries.claim(conn, ids, started_at)
             )
         except StorageUnavailableError:
-            self._try_later(entry)
-            return
-        if claim is None:
-            return
+            for entry in entries:
+                self._try_later(entry)
+            return [None] * len(entries)
         crashpoints.reach("claim-committed")
-        sub = claim.submission
-        method = claim.template.method.value if claim.template else UNKNOWN_METHOD
+        claims: list[_Claim | None] = []
+        for sub in rows:
+            if sub is None:
+                claims.append(None)
+                continue
+            template_id = sub.form_template_id
+            template = self._templates.peek(template_id)
+            if template is None:
+                try:
+                    template = await self._templates.get(template_id)
+                except StoreError:
+                    template = None
+            claims.append(_Claim(sub, template, sub.attempt_count + 1, started_at))
+        return claims
+
+    async def _deliver_and_record(self, claim: _Claim) -> None:
+        template = claim.template
+        method = template.method.value if template else UNKNOWN_METHOD
         self._metrics.in_flight.inc()
         try:
-            result: Result | DeliveryError = await self._deliver(claim, started_at)
+            result: Result | DeliveryError = await self._deliver(claim)
         except asyncio.CancelledError:
-            await self._finish(sub, claim.attempt, started_at, None, method)
+            await self._finish(claim, None, method)
             raise
         finally:
             self._metrics.in_flight.dec()
         crashpoints.reach("reply-received")
-        await self._finish(sub, claim.attempt, started_at, result, method)
+        await self._finish(claim, result, method)
 
-    async def _deliver(
-        self, claim: queries.Claim, started_at: float
-    ) -> Result | DeliveryError:
+    async def _deliver(self, claim: _Claim) -> Result | DeliveryError:
         """Run the attempt; every failure comes back as a DeliveryError."""
-        sub, template = claim.submission, claim.template
+        sub, template = claim.sub, claim.template
         try:
-            return await self._dispatch(claim, started_at)
+            return await self._dispatch(claim)
         except DeliveryError as exc:
             return exc
         except TimeoutError:
@@ -300,8 +393,8 @@ class Engine:
                 },
             )
 
-    async def _dispatch(self, claim: queries.Claim, started_at: float) -> Result:
-        sub, template = claim.submission, claim.template
+    async def _dispatch(self, claim: _Claim) -> Result:
+        sub, template = claim.sub, claim.template
         if template is None:
             raise DeliveryError(
                 "the submission's template no longer exists",
@@ -313,7 +406,7 @@ class Engine:
                 f"no dispatcher for method {template.method}",
                 category=ErrorCategory.VALIDATION,
             )
-        delivery = self._prepare(sub, template, claim.attempt, started_at)
+        delivery = self._prepare(sub, template, claim.number, claim.started_at)
         # Dispatchers that talk to a network apply the template's timeout
         # themselves, so that a reply that came in time keeps its verdict; this
         # limit stops any dispatcher that overruns it.
@@ -359,21 +452,19 @@ class Engine:
                 await asyncio.sleep(STORAGE_RETRY_SECONDS)
 
     async def _finish(
-        self,
-        sub: Submission,
-        number: int,
-        started_at: float,
-        result: Result | DeliveryError | None,
-        method: str,
+        self, claim: _Claim, result: Result | DeliveryError | None, method: str
     ) -> None:
+        sub, started_at = claim.sub, claim.started_at
         ended_at = self._clock()
-        finish = build_finish(sub, number, started_at, ended_at, result)
+        finish = build_finish(sub, claim.number, started_at, ended_at, result)
         status = await self._record(finish)
         if status is None:
             return
         self._count(finish.attempt, status, method, ended_at - started_at)
         if status is Status.RETRYING and finish.next_retry_at is not None:
-            self.scheduler.push(finish.next_retry_at, sub.seq, sub.id)
+            self.scheduler.push(
+                finish.next_retry_at, sub.seq, sub.id, sub.form_template_id
+            )
         _log_attempt(sub, finish.attempt, status)
 
     def _count(
@@ -386,18 +477,14 @@ class Engine:
             self._metrics.submission_finished(method, status.value)
 
 
-def _queued_template(
-    conn: sqlite3.Connection, submission_id: str
-) -> tuple[str, Template | None] | None:
-    """The template id and template of a queued submission; None if not queued."""
+def _queued_template_id(conn: sqlite3.Connection, submission_id: str) -> str | None:
+    """The template id of a queued submission; None if it is not queued."""
     row = conn.execute(
         "SELECT form_template_id FROM submissions WHERE id = ?"
         " AND status IN ('pending', 'retrying')",
         (submission_id,),
     ).fetchone()
-    if row is None:
-        return None
-    return row[0], queries.get_template(conn, row[0], None)
+    return None if row is None else str(row[0])
 
 
 def build_finish(
@@ -421,6 +508,8 @@ def build_finish(
         )
         return queries.Finish(
             attempt=attempt,
+            user_id=sub.user_id,
+            form_template_id=sub.form_template_id,
             status=Status.COMPLETED,
             retry_count=sub.retry_count,
             next_retry_at=None,
@@ -452,6 +541,8 @@ def build_finish(
     )
     return queries.Finish(
         attempt=attempt,
+        user_id=sub.user_id,
+        form_template_id=sub.form_template_id,
         status=decision.status,
         retry_count=decision.retry_count,
         next_retry_at=decision.next_retry_at,
@@ -482,6 +573,8 @@ def interrupted_finish(
     has_budget = sub.retry_count < sub.max_retries
     return queries.Finish(
         attempt=attempt,
+        user_id=sub.user_id,
+        form_template_id=sub.form_template_id,
         status=Status.RETRYING if has_budget else Status.FAILED,
         retry_count=sub.retry_count + 1 if has_budget else sub.retry_count,
         next_retry_at=now if has_budget else None,

@@ -219,6 +219,13 @@ def get_template(
     return None if row is None else _template_decoder.decode(row[0])
 
 
+def _template_exists(conn: sqlite3.Connection, template_id: str, user_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM templates WHERE id = ? AND user_id = ?", (template_id, user_id)
+    ).fetchone()
+    return row is not None
+
+
 def template_by_name(
     conn: sqlite3.Connection, user_id: str, name: str
 ) -> Template | None:
@@ -341,8 +348,8 @@ def insert_submissions(
             raise UnauthorizedError("the token was revoked")
         template_id = sub.form_template_id
         if template_id not in live_templates:
-            live_templates[template_id] = (
-                get_template(conn, template_id, sub.user_id) is not None
+            live_templates[template_id] = _template_exists(
+                conn, template_id, sub.user_id
             )
         if not live_templates[template_id]:
             results.append(
@@ -539,51 +546,58 @@ def _require(conn: sqlite3.Connection, submission_id: str, user_id: str) -> Subm
 
 def due_window(
     conn: sqlite3.Connection, limit: int, skip_templates: Iterable[str] = ()
-) -> list[tuple[float, int, str]]:
-    """The soonest-due queued submissions, as (due, seq, id)."""
+) -> list[tuple[float, int, str, str]]:
+    """The soonest-due queued submissions, as (due, seq, id, template id)."""
     skipped = tuple(skip_templates)
     marks = ", ".join("?" * len(skipped))
     rows = conn.execute(
-        "SELECT next_retry_at, seq, id FROM submissions"  # noqa: S608 - only marks
+        "SELECT next_retry_at, seq, id, form_template_id FROM submissions"  # noqa: S608
         " WHERE status IN ('pending', 'retrying')"
         f" AND form_template_id NOT IN ({marks})"
         " ORDER BY next_retry_at, seq LIMIT ?",
         (*skipped, limit),
     ).fetchall()
-    return [(float(row[0]), int(row[1]), str(row[2])) for row in rows]
+    return [(float(row[0]), int(row[1]), str(row[2]), str(row[3])) for row in rows]
 
 
-class Claim(msgspec.Struct):
-    submission: Submission
-    template: Template | None
-    attempt: int
+CLAIM_SQL: Final = (
+    "UPDATE submissions SET status = 'processing', processing_started_at = ?,"  # noqa: S608
+    " updated_at = ? WHERE id = ? AND status IN ('pending', 'retrying')"
+    f" AND next_retry_at <= ? RETURNING {SUBMISSION_COLUMNS}"
+)
 
 
-def claim(conn: sqlite3.Connection, submission_id: str, now: float) -> Claim | None:
-    """Mark a due submission `processing`; None when it is not due any more."""
-    updated = conn.execute(
-        "UPDATE submissions SET status = 'processing', processing_started_at = ?,"
-        " updated_at = ? WHERE id = ? AND status IN ('pending', 'retrying')"
-        " AND next_retry_at <= ?",
-        (now, now, submission_id, now),
-    )
-    if updated.rowcount == 0:
-        return None
-    sub = _select_submission(conn, submission_id)
-    assert sub is not None
-    template = get_template(conn, sub.form_template_id, None)
-    return Claim(sub, template, sub.attempt_count + 1)
+def claim(
+    conn: sqlite3.Connection, submission_ids: list[str], now: float
+) -> list[Submission | None]:
+    """Mark due submissions `processing`; None for each that is not due any more."""
+    claimed: list[Submission | None] = []
+    for submission_id in submission_ids:
+        rows = conn.execute(CLAIM_SQL, (now, now, submission_id, now)).fetchall()
+        claimed.append(_submission(rows[0]) if rows else None)
+    return claimed
 
 
 class Finish(msgspec.Struct, kw_only=True):
     """The end of one attempt: its record and the submission's new state."""
 
     attempt: Attempt
+    user_id: str
+    form_template_id: str
     status: Status
     retry_count: int
     next_retry_at: float | None
     completed_at: float
     response_data: Any = None
+
+
+FINISH_SQL: Final = (
+    "UPDATE submissions SET status = ?, retry_count = ?,"
+    " attempt_count = attempt_count + 1, next_retry_at = ?,"
+    " processing_started_at = ?, processing_completed_at = ?,"
+    " processing_duration_ms = ?, response_data = ?, error_message = ?,"
+    " error_category = ?, error_details = ?, updated_at = ? WHERE id = ?"
+)
 
 
 def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
@@ -594,22 +608,13 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
     attempt = finish.attempt
     status = finish.status
     next_retry_at = finish.next_retry_at
-    sub_row = conn.execute(
-        "SELECT user_id FROM submissions WHERE id = ?", (attempt.submission_id,)
-    ).fetchone()
-    if status is Status.RETRYING and not is_user_live(conn, sub_row[0]):
+    if status is Status.RETRYING and not is_user_live(conn, finish.user_id):
         status, next_retry_at = Status.CANCELLED, None
-    _insert_attempt(conn, attempt)
-    is_success = attempt.outcome is Outcome.SUCCESS
+    error_details = encode_json(attempt.error_details)
+    _insert_attempt(conn, attempt, finish.form_template_id, error_details)
+    failed = attempt.outcome is not Outcome.SUCCESS
     conn.execute(
-        "UPDATE submissions SET status = ?, retry_count = ?,"
-        " attempt_count = attempt_count + 1, next_retry_at = ?,"
-        " processing_started_at = ?, processing_completed_at = ?,"
-        " processing_duration_ms = ?, response_data = ?,"
-        " error_message = CASE WHEN ? THEN NULL ELSE ? END,"
-        " error_category = CASE WHEN ? THEN NULL ELSE ? END,"
-        " error_details = CASE WHEN ? THEN NULL ELSE ? END,"
-        " updated_at = ? WHERE id = ?",
+        FINISH_SQL,
         (
             status.value,
             finish.retry_count,
@@ -618,12 +623,9 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
             finish.completed_at,
             attempt.duration_ms,
             encode_json(finish.response_data),
-            is_success,
-            attempt.error_message,
-            is_success,
-            attempt.error_category,
-            is_success,
-            encode_json(attempt.error_details),
+            attempt.error_message if failed else None,
+            attempt.error_category if failed else None,
+            error_details if failed else None,
             finish.completed_at,
             attempt.submission_id,
         ),
@@ -631,12 +633,16 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
     return status
 
 
-def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
+def _insert_attempt(
+    conn: sqlite3.Connection,
+    attempt: Attempt,
+    template_id: str,
+    error_details: bytes | None,
+) -> None:
     conn.execute(
         "INSERT INTO attempts (submission_id, number, started_at, duration_ms,"
         " outcome, status, error_category, error_message, error_details, reply,"
-        " form_template_id) VALUES (?,?,?,?,?,?,?,?,?,?,"
-        " (SELECT form_template_id FROM submissions WHERE id = ?))",
+        " form_template_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (
             attempt.submission_id,
             attempt.number,
@@ -646,9 +652,9 @@ def _insert_attempt(conn: sqlite3.Connection, attempt: Attempt) -> None:
             attempt.status,
             attempt.error_category,
             attempt.error_message,
-            encode_json(attempt.error_details),
+            error_details,
             attempt.reply,
-            attempt.submission_id,
+            template_id,
         ),
     )
 

@@ -1,6 +1,6 @@
 """The due-time heap: which submission starts next, and when.
 
-It holds only (due, seq, id) for a window of the soonest-due submissions;
+It holds only (due, seq, id, template id) for a window of the soonest-due submissions;
 the store's index on `next_retry_at` holds the rest, and the window is
 refilled from it when it runs low. A waiter sleeps on a timer set for the
 soonest due time or on an event set by `push`; nothing polls.
@@ -19,7 +19,8 @@ from ptdaemon.timeutil import now as wall_now
 
 log = logging.getLogger(__name__)
 
-Entry = tuple[float, int, str]
+# (due, seq, submission id, template id); an empty template id is unknown.
+Entry = tuple[float, int, str, str]
 Loader = Callable[[int], Awaitable[list[Entry]]]
 
 
@@ -75,9 +76,11 @@ class Scheduler:
         self._changed.set()
         log.debug("scheduler loaded", extra={"entries": len(self._heap)})
 
-    def push(self, due: float, seq: int, submission_id: str) -> None:
+    def push(
+        self, due: float, seq: int, submission_id: str, template_id: str = ""
+    ) -> None:
         """Note a committed row that is queued and due at `due`."""
-        entry = (due, seq, submission_id)
+        entry = (due, seq, submission_id, template_id)
         if self._pushed_during_refill is not None:
             self._pushed_during_refill.append(entry)
         self._insert(entry)
@@ -99,6 +102,14 @@ class Scheduler:
         """Reload the window from the store before the next pop."""
         self._reload_requested = True
         self._changed.set()
+
+    def pop_due(self) -> Entry | None:
+        """The soonest entry if it is due now, without waiting."""
+        if self._reload_requested or not self._heap:
+            return None
+        if self._heap[0][0] > self._clock():
+            return None
+        return heapq.heappop(self._heap)
 
     async def next_due(self) -> Entry:
         """Wait until the soonest entry is due, pop it and return it."""

@@ -21,6 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from ptdaemon import crashpoints, queries
+from ptdaemon.cache import TemplateCache, remember
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.errors import (
     BadRequestError,
@@ -129,6 +130,7 @@ class Service:
         templates_per_user: int,
         unfinished_per_user: int | None = None,
         metrics: Metrics | None = None,
+        templates: TemplateCache | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -144,9 +146,8 @@ class Service:
         # What each create reads, kept in memory: a token's user and a
         # template. Dropped whole on any change of users or templates.
         self._tokens: dict[str, User] = {}
-        self._templates: dict[str, Template] = {}
         self._users_generation = 0
-        self._templates_generation = 0
+        self.templates = templates or TemplateCache(store)
         self.unfinished_per_user = unfinished_per_user
 
     # -- users -------------------------------------------------------------
@@ -160,7 +161,7 @@ class Service:
             # Only this process changes users, and each change bumps the
             # generation: an answer read across a change is not kept.
             if user is not None and generation == self._users_generation:
-                _remember(self._tokens, digest, user)
+                remember(self._tokens, digest, user)
         return user
 
     def _users_changed(self) -> None:
@@ -168,8 +169,7 @@ class Service:
         self._tokens.clear()
 
     def _templates_changed(self) -> None:
-        self._templates_generation += 1
-        self._templates.clear()
+        self.templates.changed()
 
     async def user_by_name(self, name: str) -> User | None:
         return await self.store.read(lambda c: queries.user_by_name(c, name))
@@ -402,7 +402,9 @@ class Service:
             if isinstance(result, tuple) and result[1]:
                 sub = result[0]
                 assert sub.next_retry_at is not None
-                self.scheduler.push(sub.next_retry_at, sub.seq, sub.id)
+                self.scheduler.push(
+                    sub.next_retry_at, sub.seq, sub.id, sub.form_template_id
+                )
                 self.metrics.submission_created(method)
         return results
 
@@ -465,23 +467,12 @@ class Service:
         except ValueError:
             template = None
         else:
-            template = await self._cached_template(template_id)
+            template = await self.templates.get(template_id)
         if template is None or template.user_id != user.id:
             raise InvalidError(
                 "form_template_id names no template of yours",
                 code="unknown_template",
             )
-        return template
-
-    async def _cached_template(self, template_id: str) -> Template | None:
-        template = self._templates.get(template_id)
-        if template is None:
-            generation = self._templates_generation
-            template = await self.store.read(
-                lambda c: queries.get_template(c, template_id, None)
-            )
-            if template is not None and generation == self._templates_generation:
-                _remember(self._templates, template_id, template)
         return template
 
     async def get_submission(self, user: User, submission_id: str) -> Submission:
@@ -525,7 +516,7 @@ class Service:
         sub = await self.store.write(
             lambda c: queries.retry_submission(c, submission_id, user.id, now)
         )
-        self.scheduler.push(now, sub.seq, sub.id)
+        self.scheduler.push(now, sub.seq, sub.id, sub.form_template_id)
         log.info("submission retried by user", extra={"submission_id": sub.id})
         return sub
 
@@ -539,9 +530,7 @@ class Service:
             lambda c: queries.cancel_submission(c, submission_id, user.id, now)
         )
         log.info("submission cancelled", extra={"submission_id": sub.id})
-        template = await self.store.read(
-            lambda c: queries.get_template(c, sub.form_template_id, user.id)
-        )
+        template = await self.templates.get(sub.form_template_id)
         method = template.method.value if template else UNKNOWN_METHOD
         self.metrics.submission_finished(method, Status.CANCELLED.value)
         return sub
@@ -625,12 +614,3 @@ def _integral(value: Any) -> Any:
     if isinstance(value, list):
         return [_integral(v) for v in value]
     return value
-
-
-CACHE_MAX: Final = 10_000
-
-
-def _remember(cache: dict[str, Any], key: str, value: Any) -> None:
-    if len(cache) >= CACHE_MAX:
-        cache.clear()
-    cache[key] = value

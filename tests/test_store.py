@@ -165,15 +165,36 @@ async def test_claim_is_conditional_on_state_and_due_time(store: Store):
     user, template = await seed(store)
     sub = await insert(store, make_submission(user, template, due=100.0))
 
-    early = await store.write(lambda c: queries.claim(c, sub.id, 50.0))
-    claimed = await store.write(lambda c: queries.claim(c, sub.id, 150.0))
-    again = await store.write(lambda c: queries.claim(c, sub.id, 150.0))
+    [early] = await store.write(lambda c: queries.claim(c, [sub.id], 50.0))
+    [claimed] = await store.write(lambda c: queries.claim(c, [sub.id], 150.0))
+    [again] = await store.write(lambda c: queries.claim(c, [sub.id], 150.0))
 
     assert early is None
     assert claimed is not None
-    assert claimed.attempt == 1
-    assert claimed.template == template
+    assert claimed.id == sub.id
+    assert claimed.status is Status.PROCESSING
+    assert claimed.processing_started_at == 150.0
+    assert claimed.attempt_count == 0
+    assert claimed.data == sub.data
     assert again is None
+
+
+async def test_claim_of_several_answers_each_in_order(store: Store):
+    user, template = await seed(store)
+    due = await insert(store, make_submission(user, template, due=100.0))
+    later = await insert(store, make_submission(user, template, due=500.0))
+    other = await insert(store, make_submission(user, template, due=100.0))
+
+    claimed = await store.write(
+        lambda c: queries.claim(c, [due.id, later.id, "missing", other.id], 150.0)
+    )
+
+    assert [sub.id if sub else None for sub in claimed] == [
+        due.id,
+        None,
+        None,
+        other.id,
+    ]
 
 
 async def test_queries_never_cross_users(store: Store):
@@ -228,8 +249,8 @@ async def test_revoking_a_user_cancels_queued_and_stops_retries(store: Store):
     user, template = await seed(store)
     queued = await insert(store, make_submission(user, template))
     running = await insert(store, make_submission(user, template))
-    claim = await store.write(lambda c: queries.claim(c, running.id, 10.0))
-    assert claim is not None
+    [claimed] = await store.write(lambda c: queries.claim(c, [running.id], 10.0))
+    assert claimed is not None
 
     cancelled = await store.write(lambda c: queries.delete_user(c, user.id, 20.0))
     from ptdaemon.engine import build_finish
@@ -237,7 +258,7 @@ async def test_revoking_a_user_cancels_queued_and_stops_retries(store: Store):
     from ptdaemon.models import ErrorCategory
 
     error = DeliveryError("boom", category=ErrorCategory.REMOTE, retryable=True)
-    finish = build_finish(claim.submission, 1, 10.0, 11.0, error)
+    finish = build_finish(claimed, 1, 10.0, 11.0, error)
     status = await store.write(lambda c: queries.finish_attempt(c, finish))
     after = await store.read(lambda c: queries.get_submission(c, queued.id, user.id))
 
