@@ -44,7 +44,6 @@ TIMEOUT_GRACE_SECONDS: Final = 1.0
 # database.
 STORAGE_RETRY_SECONDS: Final = 1.0
 INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
-FINAL_STATES: Final = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
 class _Claim(NamedTuple):
@@ -473,7 +472,7 @@ class Engine:
         outcome = attempt.outcome.value
         category = attempt.error_category
         self._metrics.attempt_finished(method, outcome, category, max(0.0, seconds))
-        if status in FINAL_STATES:
+        if status in queries.FINAL_STATES:
             self._metrics.submission_finished(method, status.value)
 
 

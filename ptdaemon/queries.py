@@ -55,6 +55,7 @@ _template_decoder = msgspec.json.Decoder(Template)
 PAGE_BYTES: Final = 8 * 1024 * 1024
 RETRYABLE_STATES: Final = frozenset({Status.FAILED, Status.RETRYING})
 CANCELLABLE_STATES: Final = frozenset({Status.PENDING, Status.RETRYING})
+FINAL_STATES: Final = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
 def write_probe(conn: sqlite3.Connection, now: float) -> None:
@@ -142,6 +143,7 @@ def delete_user(conn: sqlite3.Connection, user_id: str, now: float) -> int:
         " updated_at = ? WHERE user_id = ? AND status IN ('pending', 'retrying')",
         (now, user_id),
     )
+    count_unfinished_change(conn, user_id, -cancelled.rowcount)
     return cancelled.rowcount
 
 
@@ -330,6 +332,17 @@ def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
     return int(row[0]) if row else 0
 
 
+def count_unfinished_change(conn: sqlite3.Connection, user_id: str, delta: int) -> None:
+    """Keep the `unfinished` table: every statement that moves submissions into
+    or out of pending, processing or retrying calls this in its transaction."""
+    if delta:
+        conn.execute(
+            "INSERT INTO unfinished (user_id, n) VALUES (?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET n = n + excluded.n",
+            (user_id, delta),
+        )
+
+
 def insert_submissions(
     conn: sqlite3.Connection, items: list[NewSubmission], limit: int | None = None
 ) -> list[tuple[Submission, bool] | ServiceError]:
@@ -342,6 +355,7 @@ def insert_submissions(
     """
     results: list[tuple[Submission, bool] | ServiceError] = []
     live_templates: dict[str, bool] = {}
+    added: dict[str, int] = {}
     for item in items:
         sub = item.submission
         if not is_user_live(conn, sub.user_id):
@@ -364,7 +378,8 @@ def insert_submissions(
             if found is not None:
                 results.append(_repeat(found, item.request_hash))
                 continue
-        if limit is not None and count_unfinished(conn, sub.user_id) >= limit:
+        before = added.get(sub.user_id, 0)
+        if limit is not None and count_unfinished(conn, sub.user_id) + before >= limit:
             results.append(
                 TooManyError(
                     f"at most {limit} unfinished submissions per user",
@@ -395,7 +410,10 @@ def insert_submissions(
             ),
         )
         assert cursor.lastrowid is not None
+        added[sub.user_id] = before + 1
         results.append((msgspec.structs.replace(sub, seq=cursor.lastrowid), True))
+    for user_id, count in added.items():
+        count_unfinished_change(conn, user_id, count)
     return results
 
 
@@ -493,9 +511,8 @@ def retry_submission(
     conn: sqlite3.Connection, submission_id: str, user_id: str, now: float
 ) -> Submission:
     """Make a failed or retrying submission due now, with a fresh budget."""
-    _require_state(conn, submission_id, user_id, RETRYABLE_STATES, "retried")
-    template_id = _require(conn, submission_id, user_id).form_template_id
-    if get_template(conn, template_id, user_id) is None:
+    sub = _require_state(conn, submission_id, user_id, RETRYABLE_STATES, "retried")
+    if not _template_exists(conn, sub.form_template_id, user_id):
         raise ConflictError(
             "the submission's template was deleted", code="template_deleted"
         )
@@ -504,6 +521,8 @@ def retry_submission(
         " next_retry_at = ?, updated_at = ? WHERE id = ?",
         (now, now, submission_id),
     )
+    if sub.status is Status.FAILED:
+        count_unfinished_change(conn, user_id, 1)
     return _require(conn, submission_id, user_id)
 
 
@@ -516,6 +535,7 @@ def cancel_submission(
         " updated_at = ? WHERE id = ?",
         (now, submission_id),
     )
+    count_unfinished_change(conn, user_id, -1)
     return _require(conn, submission_id, user_id)
 
 
@@ -525,13 +545,14 @@ def _require_state(
     user_id: str,
     allowed: frozenset[Status],
     verb: str,
-) -> None:
+) -> Submission:
     sub = _require(conn, submission_id, user_id)
     if sub.status not in allowed:
         raise ConflictError(
             f"a {sub.status.value} submission cannot be {verb}",
             code="invalid_state",
         )
+    return sub
 
 
 def _require(conn: sqlite3.Connection, submission_id: str, user_id: str) -> Submission:
@@ -596,7 +617,8 @@ FINISH_SQL: Final = (
     " attempt_count = attempt_count + 1, next_retry_at = ?,"
     " processing_started_at = ?, processing_completed_at = ?,"
     " processing_duration_ms = ?, response_data = ?, error_message = ?,"
-    " error_category = ?, error_details = ?, updated_at = ? WHERE id = ?"
+    " error_category = ?, error_details = ?, updated_at = ?"
+    " WHERE id = ? AND status = 'processing'"
 )
 
 
@@ -613,7 +635,7 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
     error_details = encode_json(attempt.error_details)
     _insert_attempt(conn, attempt, finish.form_template_id, error_details)
     failed = attempt.outcome is not Outcome.SUCCESS
-    conn.execute(
+    updated = conn.execute(
         FINISH_SQL,
         (
             status.value,
@@ -630,6 +652,8 @@ def finish_attempt(conn: sqlite3.Connection, finish: Finish) -> Status:
             attempt.submission_id,
         ),
     )
+    if updated.rowcount and status in FINAL_STATES:
+        count_unfinished_change(conn, finish.user_id, -1)
     return status
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -215,6 +216,44 @@ async def test_the_unfinished_count_follows_every_change_of_state(capped: Client
         await capped.call("POST", f"/v1/submissions/{sub_id}/cancel")
     for sub_id in rng.sample(ids, 10):
         await capped.call("POST", f"/v1/submissions/{sub_id}/retry")
+    # One that fails (nothing listens at its target), then is retried by hand.
+    status, failing = await capped.call(
+        "POST",
+        "/v1/submissions",
+        {"form_template_id": template["id"], "data": {"a": 2}},
+    )
+    assert status == 202
+    sub = failing
+    for _ in range(500):
+        if sub["status"] == "failed":
+            break
+        await asyncio.sleep(0.01)
+        _, sub = await capped.call("GET", f"/v1/submissions/{failing['id']}")
+    assert sub["status"] == "failed"
+    status, _ = await capped.call("POST", f"/v1/submissions/{failing['id']}/retry")
+    assert status == 202
+    # A batch of another user, one item of it cancelled, then the user revoked
+    # with the rest still queued; and a batch of the first user.
+    status, clerk = await capped.call("POST", "/v1/users", {"name": "clerk"})
+    assert status == 201
+    status, mine = await capped.call(
+        "POST",
+        "/v1/templates",
+        {"name": "t", "method": "API", "target": {"url": "http://127.0.0.1:9/"}},
+        token=clerk["token"],
+    )
+    assert status == 201
+    for owner, owned in ((clerk["token"], mine), (None, template)):
+        status, batch = await capped.call(
+            "POST",
+            "/v1/submissions/batch",
+            {"items": [later(owned)] * 5},
+            token=owner,
+        )
+        assert status == 202
+    first = batch["items"][0]["id"]
+    assert (await capped.call("POST", f"/v1/submissions/{first}/cancel"))[0] == 200
+    assert (await capped.call("DELETE", f"/v1/users/{clerk['id']}"))[0] == 204
     db = capped.daemon.config.state_path / "ptdaemon.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         counted = dict(
@@ -224,5 +263,5 @@ async def test_the_unfinished_count_follows_every_change_of_state(capped: Client
             ).fetchall()
         )
         kept = dict(conn.execute("SELECT user_id, n FROM unfinished").fetchall())
-    assert counted
+    assert len(counted) == 1
     assert {k: v for k, v in kept.items() if v} == counted

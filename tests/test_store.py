@@ -348,3 +348,39 @@ async def test_the_template_limit_holds_inside_the_transaction(store: Store):
     )
 
     assert sum(isinstance(r, ConflictError) for r in results) == 2
+
+
+async def test_upgrade_replaces_the_unfinished_triggers_and_keeps_the_counts(
+    tmp_path: Path,
+):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:5]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 5")
+    for number, status in enumerate(["pending", "retrying", "completed", "pending"]):
+        conn.execute(
+            "INSERT INTO submissions (id, user_id, form_template_id, data, status,"
+            " max_retries, retry_backoff_seconds, retry_backoff_max_seconds,"
+            " retry_jitter, created_at, updated_at)"
+            " VALUES (?, ?, 't1', '{}', ?, 3, 60, 86400, 0, 1, 1)",
+            (f"s{number}", "u1" if number < 3 else "u2", status),
+        )
+    # What a version that had lost count would have left behind.
+    conn.execute("UPDATE unfinished SET n = 7 WHERE user_id = 'u1'")
+    conn.commit()
+    conn.close()
+
+    store = await Store.open(path)
+    triggers = await store.read(
+        lambda c: c.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        ).fetchall()
+    )
+    counts = await store.read(
+        lambda c: dict(c.execute("SELECT user_id, n FROM unfinished").fetchall())
+    )
+    await store.close()
+
+    assert triggers == []
+    assert counts == {"u1": 2, "u2": 1}
