@@ -80,6 +80,34 @@ def summarise(collapsed: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+async def commit_figures(daemon: Ptdaemon) -> str:
+    """Group commits so far, from the daemon's /metrics."""
+    assert daemon.session is not None
+    async with daemon.session.get(
+        daemon.base + "/metrics", headers=daemon.headers
+    ) as r:
+        text = await r.text()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(
+            (
+                "ptdaemon_store_commit_batch_size_",
+                "ptdaemon_store_commit_duration_seconds_",
+            )
+        ):
+            found[name.removeprefix("ptdaemon_store_commit_")] = float(value)
+    count = found.get("batch_size_count", 0.0)
+    if not count:
+        return "group commits: none reported"
+    ops = found.get("batch_size_sum", 0.0)
+    seconds = found.get("duration_seconds_sum", 0.0)
+    return (
+        f"group commits: {count:,.0f}, {ops / count:.1f} writes each on average,"
+        f" {seconds / count * 1000:.2f} ms each on average"
+    )
+
+
 async def profile(count: int, out: Path, children: Children, spy: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     collapsed = out / "ptdaemon.collapsed.txt"
@@ -101,6 +129,7 @@ async def profile(count: int, out: Path, children: Children, spy: bool) -> Path:
             await daemon.burst(batch)
             await receiver.wait(count, 600)
             after = thread_cpu(pid)
+            commits = await commit_figures(daemon)
             arrivals, duplicates = await receiver.dump()
             seconds = max(arrivals.values()) - started
             print(
@@ -119,6 +148,7 @@ async def profile(count: int, out: Path, children: Children, spy: bool) -> Path:
                 f" others (SQLite connections, executor) {others}",
                 file=sys.stderr,
             )
+            print(commits, file=sys.stderr)
             # SIGTERM to the daemon alone: py-spy writes its file once it exits.
             os.kill(pid, signal.SIGTERM)
             await asyncio.to_thread(daemon.proc.wait, 60)

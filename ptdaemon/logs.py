@@ -5,6 +5,7 @@ Fields whose names speak of tokens, passwords, secrets or authorization print `*
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -154,7 +155,72 @@ def quiet_bad_requests() -> None:
 
 
 class _Handler(logging.StreamHandler[IO[str]]):
-    """The handler setup_logging installs, found again to replace it."""
+    """Writes the lines of one turn of the event loop in one write.
+
+    A line logged below WARNING in a thread that runs an event loop waits
+    until the loop has run the callbacks that were ready with it, so that a
+    busy daemon makes one system call per turn rather than one per line.
+    Warnings and worse, lines from other threads, and a backlog of
+    `BUFFERED_LINES` are written at once, with whatever waits before them.
+    """
+
+    BUFFERED_LINES: Final = 256
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's own rule: report, go on
+            self.handleError(record)
+            return
+        # Handler.handle holds self.lock here.
+        self._pending.append(line)
+        if (
+            record.levelno < logging.WARNING
+            and len(self._pending) < self.BUFFERED_LINES
+        ):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                if self._flush_on is not loop:
+                    self._flush_on = loop
+                    loop.call_soon(self._end_of_turn)
+                return
+        self._write_pending()
+
+    def _end_of_turn(self) -> None:
+        self.acquire()
+        try:
+            self._flush_on = None
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            # A closed or full stream must not take the daemon down.
+            sys.stderr.write("ptdaemon: log lines lost, the log stream failed\n")
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+        super().flush()
 
 
 def setup_logging(*, level: str, fmt: str, stream: IO[str] | None = None) -> None:
@@ -176,6 +242,7 @@ def setup_logging(*, level: str, fmt: str, stream: IO[str] | None = None) -> Non
     # (asyncio's "Task exception was never retrieved") are written too.
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        old.flush()
         root.removeHandler(old)
     root.addHandler(handler)
     numeric = LEVELS[level.lower()]

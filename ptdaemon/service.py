@@ -32,10 +32,10 @@ from ptdaemon.errors import (
     NotFoundError,
     ServiceError,
 )
+from ptdaemon.ids import new_id
 from ptdaemon.mapping import (
     check_paths,
     form_pairs,
-    json_depth,
     map_payload,
     missing_required,
 )
@@ -181,9 +181,7 @@ class Service:
         if count:
             return None
         token = new_token()
-        user = User(
-            id=str(uuid.uuid4()), name=ADMIN_NAME, admin=True, created_at=wall_now()
-        )
+        user = User(id=new_id(), name=ADMIN_NAME, admin=True, created_at=wall_now())
         await self.store.write(
             lambda c: queries.insert_user(c, user, hash_token(token))
         )
@@ -197,7 +195,7 @@ class Service:
         check_name(spec.name, "name")
         token = new_token()
         user = User(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             name=spec.name,
             admin=spec.admin,
             created_at=wall_now(),
@@ -436,7 +434,7 @@ class Service:
         if spec.scheduled_at is not None:
             due = _scheduled_time(spec.scheduled_at)
         sub = Submission(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             user_id=user.id,
             form_template_id=template.id,
             data=spec.data,
@@ -542,26 +540,32 @@ def check_data(data: dict[str, Any]) -> None:
     Requests over HTTP are JSON already; embedding programs hand in Python
     values, where NaN, bytes or a non-string key would change on the way.
     """
-    if json_depth(data) > MAX_DATA_DEPTH:
-        raise InvalidError(
-            f"data is nested deeper than {MAX_DATA_DEPTH} levels", code="too_deep"
-        )
-    stack: list[Any] = [data]
+    stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            if not all(isinstance(key, str) for key in value):
-                raise InvalidError("data keys must be strings", code="invalid")
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise InvalidError("data holds NaN or infinity", code="invalid")
-        elif value is not None and not isinstance(value, str | int | float):
+        container, depth = stack.pop()
+        if depth > MAX_DATA_DEPTH:
             raise InvalidError(
-                f"data holds a {type(value).__name__}, which JSON cannot carry",
-                code="invalid",
+                f"data is nested deeper than {MAX_DATA_DEPTH} levels", code="too_deep"
             )
+        if isinstance(container, dict):
+            if not all(isinstance(key, str) for key in container):
+                raise InvalidError("data keys must be strings", code="invalid")
+            values: Any = container.values()
+        else:
+            values = container
+        for value in values:
+            if isinstance(value, str | bool | int) or value is None:
+                continue
+            if isinstance(value, dict | list):
+                stack.append((value, depth + 1))
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    raise InvalidError("data holds NaN or infinity", code="invalid")
+            else:
+                raise InvalidError(
+                    f"data holds a {type(value).__name__}, which JSON cannot carry",
+                    code="invalid",
+                )
 
 
 def _scheduled_time(text: str) -> float:

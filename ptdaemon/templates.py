@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import unicodedata
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import msgspec
 
 from ptdaemon.dispatch.base import Dispatcher
 from ptdaemon.errors import ForbiddenError, InvalidError
+from ptdaemon.ids import new_id
 from ptdaemon.mapping import check_paths
 from ptdaemon.models import TARGET_TYPES, Method, Template, TemplateIn, User
 from ptdaemon.redact import MASK, masked_places
@@ -68,7 +68,7 @@ class TemplateRules:
         check_paths(spec.field_map, spec.required_fields)
         secret, shown = _signing_secret(spec.signing_secret)
         template = Template(
-            id=old.id if old else str(uuid.uuid4()),
+            id=old.id if old else new_id(),
             user_id=user.id,
             name=unicodedata.normalize("NFC", spec.name),
             method=spec.method,

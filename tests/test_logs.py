@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -237,3 +238,41 @@ def test_records_still_reach_caplog(caplog):
 def test_bad_level_or_format_refused(level, fmt):
     with pytest.raises(ValueError, match="unknown log"):
         setup_logging(level=level, fmt=fmt, stream=io.StringIO())
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_turn_are_written_together_and_in_order():
+    stream = CountingStream()
+    setup_logging(level="info", fmt="text", stream=stream)
+    log = logging.getLogger("ptdaemon.test")
+    for number in range(3):
+        log.info("line", extra={"n": number})
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0)
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit("n=", 1)[1] for line in lines] == ["0", "1", "2"]
+    assert stream.writes == 1
+    # A warning does not wait, and takes what waits before it along.
+    log.info("before")
+    log.warning("now")
+    assert stream.writes == 2
+    assert [line.split()[-1] for line in stream.getvalue().splitlines()[-2:]] == [
+        "before",
+        "now",
+    ]
+
+
+def test_lines_outside_an_event_loop_are_written_at_once():
+    stream = CountingStream()
+    setup_logging(level="info", fmt="text", stream=stream)
+    logging.getLogger("ptdaemon.test").info("alone")
+    assert stream.getvalue().rstrip().endswith("alone")
