@@ -38,8 +38,18 @@ _BARE: Final = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
 
 
 def is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in SECRET_WORDS)
+    secret = _secret_names.get(name)
+    if secret is None:
+        lowered = name.lower()
+        secret = any(word in lowered for word in SECRET_WORDS)
+        if len(_secret_names) < NAMES_REMEMBERED:
+            _secret_names[name] = secret
+    return secret
+
+
+# Field names repeat from line to line: each is judged once.
+NAMES_REMEMBERED: Final = 1000
+_secret_names: dict[str, bool] = {}
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -61,12 +71,24 @@ def _mask(key: str, value: Any) -> Any:
     return value
 
 
+# The last second formatted, and its text: most lines share it with the one
+# before. One tuple, replaced whole, so that threads never see half of it.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{seconds}.{int(record.msecs):03d}Z"
+    global _last_second  # noqa: PLW0603 - a one-entry cache
+    whole = int(record.created)
+    last = _last_second
+    if last[0] != whole:
+        last = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        _last_second = last
+    return f"{last[1]}.{int(record.msecs):03d}Z"
 
 
 def _text_value(value: Any) -> str:
+    if type(value) is int:
+        return str(value)
     if value is None:
         text = "null"
     elif isinstance(value, bool):

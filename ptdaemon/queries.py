@@ -343,6 +343,15 @@ def count_unfinished_change(conn: sqlite3.Connection, user_id: str, delta: int) 
         )
 
 
+# What a create checks before its insert, in one statement: the user is not
+# revoked, the template is the user's, and how many it has unfinished.
+CREATE_CHECKS_SQL: Final = """
+    SELECT EXISTS (SELECT 1 FROM users WHERE id = :user AND deleted_at IS NULL),
+        EXISTS (SELECT 1 FROM templates WHERE id = :template AND user_id = :user),
+        COALESCE((SELECT n FROM unfinished WHERE user_id = :user), 0)
+"""
+
+
 def insert_submissions(
     conn: sqlite3.Connection, items: list[NewSubmission], limit: int | None = None
 ) -> list[tuple[Submission, bool] | ServiceError]:
@@ -354,18 +363,21 @@ def insert_submissions(
     revoked meanwhile fails the whole call.
     """
     results: list[tuple[Submission, bool] | ServiceError] = []
-    live_templates: dict[str, bool] = {}
+    checked: dict[tuple[str, str], bool] = {}
+    unfinished: dict[str, int] = {}
     added: dict[str, int] = {}
     for item in items:
         sub = item.submission
-        if not is_user_live(conn, sub.user_id):
-            raise UnauthorizedError("the token was revoked")
-        template_id = sub.form_template_id
-        if template_id not in live_templates:
-            live_templates[template_id] = _template_exists(
-                conn, template_id, sub.user_id
-            )
-        if not live_templates[template_id]:
+        pair = (sub.user_id, sub.form_template_id)
+        if pair not in checked:
+            user_live, template_live, count = conn.execute(
+                CREATE_CHECKS_SQL, {"user": pair[0], "template": pair[1]}
+            ).fetchone()
+            if not user_live:
+                raise UnauthorizedError("the token was revoked")
+            checked[pair] = bool(template_live)
+            unfinished[sub.user_id] = int(count)
+        if not checked[pair]:
             results.append(
                 InvalidError(
                     "form_template_id names no template of yours",
@@ -379,7 +391,7 @@ def insert_submissions(
                 results.append(_repeat(found, item.request_hash))
                 continue
         before = added.get(sub.user_id, 0)
-        if limit is not None and count_unfinished(conn, sub.user_id) + before >= limit:
+        if limit is not None and unfinished[sub.user_id] + before >= limit:
             results.append(
                 TooManyError(
                     f"at most {limit} unfinished submissions per user",
