@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from ptdaemon import crashpoints, queries, retry
-from ptdaemon.cache import TemplateCache
+from ptdaemon.cache import TemplateCache, remember
 from ptdaemon.dispatch.base import Delivery, Dispatcher, Result
 from ptdaemon.errors import DeliveryError, StorageUnavailableError, StoreError
 from ptdaemon.mapping import map_payload, missing_required
@@ -118,6 +118,7 @@ class Engine:
         self._per_destination = per_destination
         self._waiting_cap = max(100, per_destination * 10)
         self._destinations: dict[str, _Destination] = {}
+        self._keys: dict[str, tuple[Template, str]] = {}
         self._parked: set[str] = set()
         self._stopping = False
         self._clock = clock
@@ -318,12 +319,17 @@ class Engine:
         if template is None:
             # The attempt fails and records why; any key will do.
             return "missing-template", template_id
+        known = self._keys.get(template_id)
+        if known is not None and known[0] is template:
+            return known[1], template_id
         dispatcher = self._dispatchers.get(template.method)
         key = f"method:{template.method}"
         if dispatcher is not None:
             with contextlib.suppress(Exception):
                 key = dispatcher.destination_key(template)
-        return key, template.id
+        # Keyed by the template object: a changed template is a new object.
+        remember(self._keys, template_id, (template, key))
+        return key, template_id
 
     async def _claim(self, entries: list[Entry]) -> list[_Claim | None]:
         """Mark the entries `processing` in one write; None for each not claimed."""

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ptdaemon import queries
+from ptdaemon.cache import TemplateCache
 from ptdaemon.dispatch.base import Delivery, Result
 from ptdaemon.engine import Engine
 from ptdaemon.errors import DeliveryError
@@ -65,6 +67,7 @@ class Rig:
         self.engine: Engine | None = None
         self.user = make_user()
         self.templates: dict[str, Template] = {}
+        self.cache = TemplateCache(store)
 
     async def start(
         self, *, concurrency: int = 10, per_destination: int = 10, window: int = 100
@@ -75,6 +78,7 @@ class Rig:
             concurrency=concurrency,
             per_destination=per_destination,
             window=window,
+            templates=self.cache,
         )
         await self.engine.scheduler.load()
         self.engine.start()
@@ -97,7 +101,8 @@ class Rig:
             lambda c: queries.insert_submissions(c, [queries.NewSubmission(sub, None)])
         )
         if self.engine is not None:
-            self.engine.scheduler.push(0.0, row.seq, row.id)
+            # As the API does: the entry names its template.
+            self.engine.scheduler.push(0.0, row.seq, row.id, template.id)
         return row.id
 
     async def status(self, sub_id: str) -> Status:
@@ -361,3 +366,39 @@ async def test_overdue_entries_start_in_due_order(rig: Rig):
         await rig.wait_status(sub_id, Status.COMPLETED)
 
     assert started == ids
+
+
+async def test_a_template_moved_elsewhere_takes_its_new_submissions_along(rig: Rig):
+    rig.dispatcher.gates["old"] = asyncio.Event()
+    await rig.start(per_destination=1)
+    first = await rig.submit("old")
+    await rig.wait_status(first, Status.PROCESSING)
+    template = rig.templates["old"]
+    moved = msgspec.structs.replace(template, target={"url": "new"})
+    await rig.store.write(lambda c: queries.update_template(c, moved))
+    rig.cache.changed()
+
+    # Due after the change: it goes to the new destination, which is free,
+    # rather than queueing behind the attempt that holds the old one.
+    later = await rig.submit("old")
+    await rig.wait_status(later, Status.COMPLETED)
+
+    assert await rig.status(first) is Status.PROCESSING
+    assert rig.dispatcher.peak == {"old": 1, "new": 1}
+
+
+async def test_entries_without_their_template_id_are_looked_up(rig: Rig):
+    await rig.start()
+    template = make_template(rig.user, name="plain")
+    template.target = {"url": "plain"}
+    await rig.store.write(lambda c: queries.insert_template(c, template))
+    sub = make_submission(rig.user, template, due=0.0)
+    [(row, _)] = await rig.store.write(
+        lambda c: queries.insert_submissions(c, [queries.NewSubmission(sub, None)])
+    )
+    assert rig.engine is not None
+    rig.engine.scheduler.push(0.0, row.seq, row.id)
+
+    await rig.wait_status(row.id, Status.COMPLETED)
+
+    assert rig.dispatcher.delivered == [row.id]
