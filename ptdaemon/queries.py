@@ -601,12 +601,19 @@ CLAIM_SQL: Final = (
 
 
 def claim(
-    conn: sqlite3.Connection, submission_ids: list[str], now: float
+    conn: sqlite3.Connection,
+    submission_ids: list[str],
+    now: float,
+    due_by: float | None = None,
 ) -> list[Submission | None]:
-    """Mark due submissions `processing`; None for each that is not due any more."""
+    """Mark submissions due by `due_by` (default: now) `processing`.
+
+    None for each that is not queued, or not due by then.
+    """
+    limit = now if due_by is None else due_by
     claimed: list[Submission | None] = []
     for submission_id in submission_ids:
-        rows = conn.execute(CLAIM_SQL, (now, now, submission_id, now)).fetchall()
+        rows = conn.execute(CLAIM_SQL, (now, now, submission_id, limit)).fetchall()
         claimed.append(_submission(rows[0]) if rows else None)
     return claimed
 

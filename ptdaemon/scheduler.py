@@ -37,9 +37,12 @@ class Scheduler:
         *,
         window: int = 10000,
         clock: Callable[[], float] = wall_now,
+        lead: float = 0.0,
     ) -> None:
         self._load_window = load_window
         self._window = window
+        # Entries are handed out this many seconds before they are due.
+        self._lead = lead
         self._clock = clock
         self._heap: list[Entry] = []
         # Entries due after the horizon live only in the store. Infinite
@@ -104,15 +107,15 @@ class Scheduler:
         self._changed.set()
 
     def pop_due(self) -> Entry | None:
-        """The soonest entry if it is due now, without waiting."""
+        """The soonest entry if it is due now (or within the lead), without waiting."""
         if self._reload_requested or not self._heap:
             return None
-        if self._heap[0][0] > self._clock():
+        if self._heap[0][0] - self._lead > self._clock():
             return None
         return heapq.heappop(self._heap)
 
     async def next_due(self) -> Entry:
-        """Wait until the soonest entry is due, pop it and return it."""
+        """Wait until the soonest entry is due (less the lead), pop and return it."""
         while True:
             if self._reload_requested or (
                 not self._heap and math.isfinite(self._horizon)
@@ -120,7 +123,9 @@ class Scheduler:
                 self._reload_requested = False
                 await self.load()
                 continue
-            delay = self._heap[0][0] - self._clock() if self._heap else None
+            delay = (
+                self._heap[0][0] - self._lead - self._clock() if self._heap else None
+            )
             if delay is not None and delay <= 0:
                 return heapq.heappop(self._heap)
             self._changed.clear()

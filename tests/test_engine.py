@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class FakeDispatcher:
     running: dict[str, int] = field(default_factory=dict)
     peak: dict[str, int] = field(default_factory=dict)
     delivered: list[str] = field(default_factory=list)
+    sent_at: dict[str, float] = field(default_factory=dict)
 
     def check_target(self, target: Any) -> None:
         return None
@@ -40,6 +42,7 @@ class FakeDispatcher:
 
     async def deliver(self, delivery: Delivery) -> Result:
         key = self.destination_key(delivery.template)
+        self.sent_at[delivery.submission_id] = time.time()
         self.running[key] = self.running.get(key, 0) + 1
         self.peak[key] = max(self.peak.get(key, 0), self.running[key])
         try:
@@ -70,7 +73,12 @@ class Rig:
         self.cache = TemplateCache(store)
 
     async def start(
-        self, *, concurrency: int = 10, per_destination: int = 10, window: int = 100
+        self,
+        *,
+        concurrency: int = 10,
+        per_destination: int = 10,
+        window: int = 100,
+        claim_ahead: float = 0.02,
     ) -> Engine:
         self.engine = Engine(
             self.store,
@@ -79,12 +87,15 @@ class Rig:
             per_destination=per_destination,
             window=window,
             templates=self.cache,
+            claim_ahead_seconds=claim_ahead,
         )
         await self.engine.scheduler.load()
         self.engine.start()
         return self.engine
 
-    async def submit(self, destination: str, **template_fields: Any) -> str:
+    async def submit(
+        self, destination: str, due: float = 0.0, **template_fields: Any
+    ) -> str:
         template = self.templates.get(destination)
         if template is None:
             template = make_template(self.user, name=destination)
@@ -94,7 +105,7 @@ class Rig:
                 setattr(template, key, value)
             self.templates[destination] = template
             await self.store.write(lambda c: queries.insert_template(c, template))
-        sub = make_submission(self.user, template, due=0.0)
+        sub = make_submission(self.user, template, due=due)
         sub.max_retries = template.max_retries
         sub.retry_backoff_seconds = template.retry_backoff_seconds
         [(row, _)] = await self.store.write(
@@ -102,7 +113,7 @@ class Rig:
         )
         if self.engine is not None:
             # As the API does: the entry names its template.
-            self.engine.scheduler.push(0.0, row.seq, row.id, template.id)
+            self.engine.scheduler.push(due, row.seq, row.id, template.id)
         return row.id
 
     async def status(self, sub_id: str) -> Status:
@@ -402,3 +413,18 @@ async def test_entries_without_their_template_id_are_looked_up(rig: Rig):
     await rig.wait_status(row.id, Status.COMPLETED)
 
     assert rig.dispatcher.delivered == [row.id]
+
+
+async def test_a_scheduled_submission_is_claimed_ahead_and_sent_on_time(rig: Rig):
+    await rig.start(claim_ahead=0.5)
+    due = time.time() + 1.0
+    sub_id = await rig.submit("a", due=due)
+
+    await rig.wait_status(sub_id, Status.PROCESSING)
+    claimed_before_due = time.time() < due
+    await rig.wait_status(sub_id, Status.COMPLETED)
+
+    [attempt] = await rig.attempts(sub_id)
+    assert claimed_before_due
+    assert rig.dispatcher.sent_at[sub_id] >= due
+    assert attempt.started_at >= due

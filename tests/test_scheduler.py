@@ -131,3 +131,16 @@ async def test_overfull_heap_is_trimmed_back_to_the_window():
 
     assert len(scheduler) <= 200
     assert scheduler.horizon < 1000.0
+
+
+async def test_entries_are_handed_out_the_lead_before_they_are_due():
+    clock = Clock(100.0)
+    scheduler = Scheduler(FakeStore().load, clock=clock, lead=0.5)
+    await scheduler.load()
+    scheduler.push(101.0, 1, "later")
+    scheduler.push(100.4, 2, "within")
+
+    assert scheduler.pop_due() == (100.4, 2, "within", "")
+    assert scheduler.pop_due() is None
+    clock.now = 100.5
+    assert scheduler.pop_due() == (101.0, 1, "later", "")
