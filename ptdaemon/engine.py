@@ -48,6 +48,7 @@ INTERRUPTED_MESSAGE: Final = "the attempt was interrupted before it finished"
 # attempts wait for it: the claim's commit (an fsync) is then off the path
 # of a scheduled form or a retry. Nothing is sent before its due time.
 CLAIM_AHEAD_SECONDS: Final = 0.02
+TIMER_SLACK_SECONDS: Final = 0.001
 
 
 class _Claim(NamedTuple):
@@ -374,9 +375,11 @@ class Engine:
         try:
             due = claim.sub.next_retry_at
             if due is not None and due > self._clock():
-                # Claimed ahead of its due time. Limit: shutdown cuts an attempt
-                # waiting here like one in flight, and records it interrupted.
-                await asyncio.sleep(due - self._clock())
+                # Claimed ahead of its due time. The loop's timers count whole
+                # milliseconds and may fire up to one early: hence the slack.
+                # Limit: shutdown cuts an attempt waiting here like one in
+                # flight, and records it interrupted.
+                await asyncio.sleep(due - self._clock() + TIMER_SLACK_SECONDS)
             claim = claim._replace(started_at=self._clock())
             self._metrics.in_flight.inc()
             try:
