@@ -37,3 +37,19 @@ def test_smoke_run_delivers_every_form_once(tmp_path: Path) -> None:
     assert done.stdout.count("ptdaemon") >= 3
     assert "e2e/s" in done.stdout
     assert "Targets (ptdaemon)" in done.stdout
+
+
+def test_the_writes_benchmark_runs_and_commits_in_groups() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.writes", "--forms", "40", "--groups", "1,10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    # Three writes per form: one commit each alone, one per ten in groups of ten.
+    assert [(row[0], row[-1]) for row in rows] == [("1", "120"), ("10", "12")]
