@@ -193,12 +193,21 @@ class Engine:
             "draining attempts",
             extra={"in_flight": len(self._tasks), "grace_seconds": grace_seconds},
         )
-        _, running = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
-        for task in running:
-            task.cancel()
-        if running:
-            log.warning("attempts cut at shutdown", extra={"count": len(running)})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        # A claim that commits meanwhile starts attempts of its own: those are
+        # waited for too, within the same grace.
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        cut = 0
+        while self._tasks:
+            running = set(self._tasks)
+            cut += len(running)
+            for task in running:
+                task.cancel()
             await asyncio.wait(running)
+        if cut:
+            log.warning("attempts cut at shutdown", extra={"count": cut})
 
     # -- one attempt -------------------------------------------------------
 
@@ -209,7 +218,7 @@ class Engine:
         of its destination, to the attempt started for it; entries that start
         nothing give theirs back here.
         """
-        ready: list[tuple[_Destination, str, Entry]] = []
+        ready: list[tuple[_Destination, str, Template | None, Entry]] = []
         try:
             for entry in entries:
                 taken = await self._take_place(entry)
@@ -219,16 +228,28 @@ class Engine:
                     ready.append((*taken, entry))
             if not ready:
                 return
-            claims = await self._claim([entry for _, _, entry in ready])
+            if self._stopping:
+                # Not claimed: these keep their state and due time.
+                for destination, key, _, _ in ready:
+                    self._release(destination, key)
+                return
+            claims = await self._claim(
+                [entry for *_, entry in ready], [placed for _, _, placed, _ in ready]
+            )
         except BaseException:
-            for destination, key, _ in ready:
+            for destination, key, _, _ in ready:
                 self._release(destination, key)
             raise
-        for (destination, key, _), claim in zip(ready, claims, strict=True):
+        for (destination, key, _, _), claim in zip(ready, claims, strict=True):
             self._spawn(self._run_for(destination, key, claim))
 
-    async def _take_place(self, entry: Entry) -> tuple[_Destination, str] | None:
-        """A place at the entry's destination, or None: queued behind it, or stale."""
+    async def _take_place(
+        self, entry: Entry
+    ) -> tuple[_Destination, str, Template | None] | None:
+        """A place at the entry's destination, or None: queued behind it, or stale.
+
+        Also the template the destination was found from: the attempt uses it.
+        """
         if entry[2] in self._parked:
             return None  # a reload brought back an entry already queued here
         try:
@@ -238,14 +259,14 @@ class Engine:
             return None
         if found is None:
             return None
-        key, template_id = found
+        key, template_id, template = found
         destination = self._destinations.setdefault(key, _Destination())
         destination.templates.add(template_id)
         if destination.active >= self._per_destination:
             self._park(destination, entry)
             return None
         destination.active += 1
-        return destination, key
+        return destination, key, template
 
     async def _run_for(
         self, destination: _Destination, key: str, claim: _Claim | None
@@ -262,14 +283,16 @@ class Engine:
                 if not destination.waiting or self._stopping:
                     return
                 claim = None
-                entry = await self._next_waiting(destination, key)
-                if entry is not None:
-                    [claim] = await self._claim([entry])
+                waiting = await self._next_waiting(destination, key)
+                if waiting is not None:
+                    [claim] = await self._claim([waiting[0]], [waiting[1]])
         finally:
             self._release(destination, key)
 
-    async def _next_waiting(self, destination: _Destination, key: str) -> Entry | None:
-        """The next queued entry, unless its template now points elsewhere."""
+    async def _next_waiting(
+        self, destination: _Destination, key: str
+    ) -> tuple[Entry, Template | None] | None:
+        """The next queued entry and its template, unless it now points elsewhere."""
         entry = destination.waiting.popleft()
         self._parked.discard(entry[2])
         try:
@@ -282,7 +305,7 @@ class Engine:
         if found[0] != key:
             self.scheduler.push(*entry)
             return None
-        return entry
+        return entry, found[2]
 
     def _try_later(self, entry: Entry) -> None:
         """Put an entry back for a while: the store cannot be used just now."""
@@ -311,8 +334,13 @@ class Engine:
         if destination.active == 0 and not destination.waiting:
             del self._destinations[key]
 
-    async def _destination_of(self, entry: Entry) -> tuple[str, str] | None:
-        """The destination key and template id of an entry; None if it is stale."""
+    async def _destination_of(
+        self, entry: Entry
+    ) -> tuple[str, str, Template | None] | None:
+        """The destination key, template id and template of an entry.
+
+        None if the entry is stale; the template is None if it was deleted.
+        """
         template_id = entry[3]
         if not template_id:
             # Ordered: due entries reach their claims in the order they were popped.
@@ -327,10 +355,10 @@ class Engine:
         )
         if template is None:
             # The attempt fails and records why; any key will do.
-            return "missing-template", template_id
+            return "missing-template", template_id, None
         known = self._keys.get(template_id)
         if known is not None and known[0] is template:
-            return known[1], template_id
+            return known[1], template_id, template
         dispatcher = self._dispatchers.get(template.method)
         key = f"method:{template.method}"
         if dispatcher is not None:
@@ -338,10 +366,18 @@ class Engine:
                 key = dispatcher.destination_key(template)
         # Keyed by the template object: a changed template is a new object.
         remember(self._keys, template_id, (template, key))
-        return key, template_id
+        return key, template_id, template
 
-    async def _claim(self, entries: list[Entry]) -> list[_Claim | None]:
-        """Mark the entries `processing` in one write; None for each not claimed."""
+    async def _claim(
+        self, entries: list[Entry], placed: list[Template | None]
+    ) -> list[_Claim | None]:
+        """Mark the entries `processing` in one write; None for each not claimed.
+
+        Each attempt uses the template its destination place was taken for
+        (`placed`), so that it counts against the limit of the host it goes to;
+        a template changed since then applies from the next attempt, as for
+        an attempt already in flight. One deleted since then fails the attempt.
+        """
         ids = [entry[2] for entry in entries]
         claimed_at = self._clock()
         due_by = claimed_at + self._claim_ahead
@@ -355,19 +391,29 @@ class Engine:
             return [None] * len(entries)
         crashpoints.reach("claim-committed")
         claims: list[_Claim | None] = []
-        for sub in rows:
+        for sub, template in zip(rows, placed, strict=True):
             if sub is None:
                 claims.append(None)
                 continue
-            template_id = sub.form_template_id
-            template = self._templates.peek(template_id)
-            if template is None:
-                try:
-                    template = await self._templates.get(template_id)
-                except StoreError:
-                    template = None
-            claims.append(_Claim(sub, template, sub.attempt_count + 1, claimed_at))
+            claims.append(
+                _Claim(
+                    sub,
+                    await self._still_there(template),
+                    sub.attempt_count + 1,
+                    claimed_at,
+                )
+            )
         return claims
+
+    async def _still_there(self, template: Template | None) -> Template | None:
+        """`template`, or None if it was deleted since it was read."""
+        if template is None or self._templates.peek(template.id) is template:
+            return template
+        try:
+            current = await self._templates.get(template.id)
+        except StoreError:
+            return template  # the attempt itself will tell
+        return None if current is None else template
 
     async def _deliver_and_record(self, claim: _Claim) -> None:
         template = claim.template

@@ -6,6 +6,7 @@ Fields whose names speak of tokens, passwords, secrets or authorization print `*
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -192,6 +193,7 @@ class _Handler(logging.StreamHandler[IO[str]]):
         super().__init__(stream)
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None
+        self.lost_lines = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -233,8 +235,9 @@ class _Handler(logging.StreamHandler[IO[str]]):
             self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
-            # A closed or full stream must not take the daemon down.
-            sys.stderr.write("ptdaemon: log lines lost, the log stream failed\n")
+            # Limit: a full, closed or broken log stream loses the lines, and
+            # nothing says so; the daemon itself must go on.
+            self.lost_lines += text.count(self.terminator)
 
     def flush(self) -> None:
         self.acquire()
@@ -242,7 +245,8 @@ class _Handler(logging.StreamHandler[IO[str]]):
             self._write_pending()
         finally:
             self.release()
-        super().flush()
+        with contextlib.suppress(OSError, ValueError):
+            super().flush()
 
 
 def setup_logging(*, level: str, fmt: str, stream: IO[str] | None = None) -> None:

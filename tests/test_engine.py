@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class FakeDispatcher:
     peak: dict[str, int] = field(default_factory=dict)
     delivered: list[str] = field(default_factory=list)
     sent_at: dict[str, float] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
 
     def check_target(self, target: Any) -> None:
         return None
@@ -43,6 +45,7 @@ class FakeDispatcher:
     async def deliver(self, delivery: Delivery) -> Result:
         key = self.destination_key(delivery.template)
         self.sent_at[delivery.submission_id] = time.time()
+        self.routes[delivery.submission_id] = key
         self.running[key] = self.running.get(key, 0) + 1
         self.peak[key] = max(self.peak.get(key, 0), self.running[key])
         try:
@@ -428,3 +431,67 @@ async def test_a_scheduled_submission_is_claimed_ahead_and_sent_on_time(rig: Rig
     assert claimed_before_due
     assert rig.dispatcher.sent_at[sub_id] >= due
     assert attempt.started_at >= due
+
+
+async def test_a_claim_committing_during_shutdown_gets_the_grace_too(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    entered, release = threading.Event(), threading.Event()
+    real_claim = queries.claim
+
+    def slow_claim(*args: Any) -> Any:
+        entered.set()
+        release.wait(5)
+        return real_claim(*args)
+
+    monkeypatch.setattr(queries, "claim", slow_claim)
+    rig.dispatcher.gates["a"] = asyncio.Event()
+    engine = await rig.start()
+    sub_id = await rig.submit("a")
+    assert await asyncio.to_thread(entered.wait, 5)
+
+    # The stop begins while the claim is still being written.
+    stopping = asyncio.create_task(engine.stop(grace_seconds=5))
+    await asyncio.sleep(0.05)
+    release.set()
+    await rig.wait_status(sub_id, Status.PROCESSING)
+    rig.dispatcher.gates["a"].set()
+    await stopping
+
+    assert await rig.status(sub_id) is Status.COMPLETED
+    assert [a.outcome for a in await rig.attempts(sub_id)] == [Outcome.SUCCESS]
+    assert engine.in_flight == 0
+
+
+async def test_an_attempt_keeps_the_template_its_place_was_taken_for(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    rig.dispatcher.gates["c"] = asyncio.Event()
+    engine = await rig.start(per_destination=1)
+    busy = await rig.submit("c")
+    await rig.wait_status(busy, Status.PROCESSING)
+    real_claim = queries.claim
+    loop = asyncio.get_running_loop()
+
+    def claim_as_the_template_moves(conn: Any, *args: Any) -> Any:
+        # The template moves to the busy host in the same moment as the claim
+        # of its submission, whose place was taken at the old host.
+        if "d" in rig.templates:
+            template = msgspec.structs.replace(rig.templates["d"], target={"url": "c"})
+            queries.update_template(conn, template)
+            loop.call_soon_threadsafe(rig.cache.changed)
+            monkeypatch.setattr(queries, "claim", real_claim)
+        return real_claim(conn, *args)
+
+    monkeypatch.setattr(queries, "claim", claim_as_the_template_moves)
+    moving = await rig.submit("d")
+    await rig.wait_status(moving, Status.COMPLETED)
+    rig.dispatcher.gates["c"].set()
+    await rig.wait_status(busy, Status.COMPLETED)
+    after = await rig.submit("d")
+    await rig.wait_status(after, Status.COMPLETED)
+
+    # The moving attempt went where its place was; the next one follows the move.
+    assert rig.dispatcher.peak == {"c": 1, "d": 1}
+    assert rig.dispatcher.routes == {busy: "c", moving: "d", after: "c"}
+    assert engine.in_flight == 0

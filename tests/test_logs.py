@@ -276,3 +276,21 @@ def test_lines_outside_an_event_loop_are_written_at_once():
     setup_logging(level="info", fmt="text", stream=stream)
     logging.getLogger("ptdaemon.test").info("alone")
     assert stream.getvalue().rstrip().endswith("alone")
+
+
+class BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_a_broken_log_stream_loses_lines_but_never_raises():
+    setup_logging(level="info", fmt="text", stream=BrokenStream())
+    log = logging.getLogger("ptdaemon.test")
+
+    log.warning("written at once, and lost")
+    log.info("written at the end of the turn, and lost")
+    await asyncio.sleep(0)
+    logging.getLogger().handlers[-1].flush()
+
+    [handler] = [h for h in logging.getLogger().handlers if hasattr(h, "lost_lines")]
+    assert handler.lost_lines == 2
