@@ -297,12 +297,14 @@ def closing_note(figures: Figures) -> list[str]:
         lines.append(
             "  throughput follows CPU per form on 2 shared cores:"
             f" ptdaemon {own:.2f} ms, its non-durable shape {shape:.2f} ms"
-            " (the same two HTTP exchanges); the rest is six hops to the"
-            " SQLite threads and the bookkeeping"
+            " (the same two HTTP exchanges); the rest is the store's three"
+            " writes per form (insert, claim, record: python -m bench.writes),"
+            " the hops to its thread, and the bookkeeping"
         )
     lines.append(
-        "  latency: a form leaves after two fsync'd commits in series (the"
-        " create's, then the claim's), each waiting for the group in progress"
+        "  latency: a form due at once leaves after two fsync'd commits in"
+        " series (the create's, then the claim's), each waiting for the group"
+        " in progress; scheduled forms are claimed ahead of their due time"
     )
 
     return lines
