@@ -420,11 +420,12 @@ class Engine:
         method = template.method.value if template else UNKNOWN_METHOD
         try:
             due = claim.sub.next_retry_at
-            if due is not None and due > self._clock():
-                # Claimed ahead of its due time. The loop's timers count whole
-                # milliseconds and may fire up to one early: hence the slack.
-                # Limit: shutdown cuts an attempt waiting here like one in
-                # flight, and records it interrupted.
+            # Claimed ahead of its due time. The loop's timers count whole
+            # milliseconds from the start of the loop's turn, so one may fire
+            # early: hence the slack, and the check again after each sleep.
+            # Limit: shutdown cuts an attempt waiting here like one in flight,
+            # and records it interrupted.
+            while due is not None and due > self._clock():  # noqa: ASYNC110
                 await asyncio.sleep(due - self._clock() + TIMER_SLACK_SECONDS)
             claim = claim._replace(started_at=self._clock())
             self._metrics.in_flight.inc()
