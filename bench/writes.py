@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.factories import make_template
+
 from ptdaemon import queries
 from ptdaemon.dispatch.base import Result
 from ptdaemon.engine import build_finish
@@ -28,22 +30,12 @@ from ptdaemon.store import Store
 
 
 def template_of(user: User) -> Template:
-    return Template(
+    return make_template(
+        Method.API,
+        {"url": "http://127.0.0.1:9/forms"},
         id=new_id(),
         user_id=user.id,
         name="bench",
-        method=Method.API,
-        target={"url": "http://127.0.0.1:9/forms"},
-        field_map={},
-        required_fields=[],
-        timeout_seconds=30.0,
-        max_retries=3,
-        retry_backoff_seconds=1.0,
-        retry_backoff_max_seconds=60.0,
-        retry_jitter=0.0,
-        signing_secret=None,
-        created_at=1.0,
-        updated_at=1.0,
     )
 
 

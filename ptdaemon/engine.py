@@ -252,11 +252,7 @@ class Engine:
         """
         if entry[2] in self._parked:
             return None  # a reload brought back an entry already queued here
-        try:
-            found = await self._destination_of(entry)
-        except StoreError:
-            self._try_later(entry)
-            return None
+        found = await self._destination_or_later(entry)
         if found is None:
             return None
         key, template_id, template = found
@@ -295,11 +291,7 @@ class Engine:
         """The next queued entry and its template, unless it now points elsewhere."""
         entry = destination.waiting.popleft()
         self._parked.discard(entry[2])
-        try:
-            found = await self._destination_of(entry)
-        except StoreError:
-            self._try_later(entry)
-            return None
+        found = await self._destination_or_later(entry)
         if found is None:
             return None
         if found[0] != key:
@@ -333,6 +325,16 @@ class Engine:
             self.scheduler.request_reload()
         if destination.active == 0 and not destination.waiting:
             del self._destinations[key]
+
+    async def _destination_or_later(
+        self, entry: Entry
+    ) -> tuple[str, str, Template | None] | None:
+        """As `_destination_of`; a store that cannot be read puts the entry back."""
+        try:
+            return await self._destination_of(entry)
+        except StoreError:
+            self._try_later(entry)
+            return None
 
     async def _destination_of(
         self, entry: Entry

@@ -155,6 +155,20 @@ def later(template: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def another_user(client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A second user, "clerk", and a template of its own."""
+    status, clerk = await client.call("POST", "/v1/users", {"name": "clerk"})
+    assert status == 201
+    status, template = await client.call(
+        "POST",
+        "/v1/templates",
+        {"name": "t", "method": "API", "target": {"url": "http://127.0.0.1:9/"}},
+        token=clerk["token"],
+    )
+    assert status == 201
+    return clerk, template
+
+
 async def test_unfinished_submissions_are_capped_per_user(capped: Client):
     template = await capped.template()
     ids = []
@@ -181,14 +195,7 @@ async def test_unfinished_submissions_are_capped_per_user(capped: Client):
     assert batch["items"][0]["status"] == "pending"
     assert batch["items"][1]["error"]["code"] == "too_many_unfinished"
     # Another user has a cap of its own.
-    status, clerk = await capped.call("POST", "/v1/users", {"name": "clerk"})
-    status, mine = await capped.call(
-        "POST",
-        "/v1/templates",
-        {"name": "t", "method": "API", "target": {"url": "http://127.0.0.1:9/"}},
-        token=clerk["token"],
-    )
-    assert status == 201
+    clerk, mine = await another_user(capped)
     status, _ = await capped.call(
         "POST", "/v1/submissions", later(mine), token=clerk["token"]
     )
@@ -234,15 +241,7 @@ async def test_the_unfinished_count_follows_every_change_of_state(capped: Client
     assert status == 202
     # A batch of another user, one item of it cancelled, then the user revoked
     # with the rest still queued; and a batch of the first user.
-    status, clerk = await capped.call("POST", "/v1/users", {"name": "clerk"})
-    assert status == 201
-    status, mine = await capped.call(
-        "POST",
-        "/v1/templates",
-        {"name": "t", "method": "API", "target": {"url": "http://127.0.0.1:9/"}},
-        token=clerk["token"],
-    )
-    assert status == 201
+    clerk, mine = await another_user(capped)
     for owner, owned in ((clerk["token"], mine), (None, template)):
         status, batch = await capped.call(
             "POST",
