@@ -219,12 +219,8 @@ class _Handler(logging.StreamHandler[IO[str]]):
         self._write_pending()
 
     def _end_of_turn(self) -> None:
-        self.acquire()
-        try:
-            self._flush_on = None
-            self._write_pending()
-        finally:
-            self.release()
+        self._flush_on = None
+        self.flush()
 
     def _write_pending(self) -> None:
         if not self._pending:

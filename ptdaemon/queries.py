@@ -325,13 +325,6 @@ class NewSubmission(msgspec.Struct):
     request_hash: str | None
 
 
-def count_unfinished(conn: sqlite3.Connection, user_id: str) -> int:
-    row = conn.execute(
-        "SELECT n FROM unfinished WHERE user_id = ?", (user_id,)
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def count_unfinished_change(conn: sqlite3.Connection, user_id: str, delta: int) -> None:
     """Keep the `unfinished` table: every statement that moves submissions into
     or out of pending, processing or retrying calls this in its transaction."""
